@@ -1,0 +1,87 @@
+"""Text for evaluation and calibration, and tokenization with a model folder's tokenizer.json.
+
+Tokenization uses the `tokenizers` library on the folder's tokenizer.json, which implements the
+full pre-tokenizer pipeline (ORT-GenAI's built-in tokenizer skips SmolLM2's digit-splitting rule).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from onnxquant.errors import fail
+
+WIKITEXT_ENV = "ONNXQUANT_WIKITEXT_DIR"
+WIKITEXT_TEST_FILE = "wiki.test.raw"
+WIKITEXT_CALIB_FILE = "wiki.valid.tokens"
+
+
+def find_local_wikitext_dir() -> Path | None:
+    """A local WikiText-2 folder: $ONNXQUANT_WIKITEXT_DIR, or shared/data/wikitext-2 beside the checkout."""
+    env = os.environ.get(WIKITEXT_ENV)
+    candidates = [Path(env)] if env else []
+    repo_root = Path(__file__).resolve().parent.parent
+    candidates += [repo_root.parent / "shared" / "data" / "wikitext-2", Path.cwd().parent / "shared" / "data" / "wikitext-2"]
+    for candidate in candidates:
+        if (candidate / WIKITEXT_TEST_FILE).is_file():
+            return candidate
+    return None
+
+
+def read_text_file(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        fail(f"text file {path} does not exist; pass an existing file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        fail(f"{path} is not UTF-8 text ({exc}); pass a plain text file")
+
+
+def load_hub_text(dataset: str, split: str) -> str:
+    """Load a dataset from the Hugging Face hub with `datasets` (for machines that reach the hub)."""
+    try:
+        import datasets
+    except ImportError:
+        fail(f"--dataset {dataset} needs the `datasets` package (pip install 'onnxquant[datasets]'); or pass a local file")
+    try:
+        if dataset == "wikitext2":
+            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            # Each row keeps its trailing newline, so joining with "" reproduces wiki.<split>.raw.
+            return "".join(rows["text"])
+        if dataset == "pileval":
+            rows = datasets.load_dataset("mit-han-lab/pile-val-backup", split="validation")
+            return "\n\n".join(rows["text"][:2000])
+    except Exception as exc:  # datasets raises many types for an unreachable hub
+        fail(f"could not load {dataset} from the Hugging Face hub ({type(exc).__name__}); pass a local text file instead")
+    fail(f"unknown dataset {dataset!r}; use wikitext2 or pileval, or pass a local text file")
+
+
+def load_tokenizer(folder: str | Path):
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+        fail(f"cannot read {path} ({exc}); re-export the model or copy a valid tokenizer.json")
+
+
+def tokenize(folder: str | Path, text: str) -> np.ndarray:
+    """Token ids of `text`, without special tokens, as int32."""
+    ids = load_tokenizer(folder).encode(text, add_special_tokens=False).ids
+    return np.asarray(ids, dtype=np.int32)
+
+
+def cut_windows(ids: np.ndarray, size: int, count: int | None, what: str) -> np.ndarray:
+    """Consecutive non-overlapping windows of `size` tokens, shape [n, size]."""
+    available = len(ids) // size
+    if available == 0:
+        fail(f"the {what} has {len(ids)} tokens, fewer than one block of {size}; give a longer text or a smaller block size")
+    if count is not None and count > available:
+        fail(f"the {what} has {len(ids)} tokens, enough for {available} samples of {size}, not {count}; "
+             f"give more text or lower the sample count")
+    n = available if count is None else count
+    return ids[: n * size].reshape(n, size)

@@ -1,0 +1,34 @@
+"""User-facing errors and the CLI wrapper that turns them into one line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: bad path, wrong config, too little data.
+
+    The message is one sentence naming the problem and what to do about it. CLIs print it
+    without a traceback and exit with code 2.
+    """
+
+
+USER_ERROR_EXIT_CODE = 2
+
+
+def fail(message: str) -> NoReturn:
+    raise UserError(message)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
+    """Run a CLI entry point; a UserError becomes `error: <message>` on stderr and exit 2."""
+    try:
+        code = main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,85 @@
+"""`python -m onnxquant.export`: a Hugging Face checkpoint (folder, GGUF file, or the embedded
+SmolLM2-135M-Instruct) -> an ONNX Runtime GenAI model folder, built by the ORT-GenAI model builder."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from onnxquant.checkpoint import ModelSource, gguf_to_hf_folder, resolve_model_source
+from onnxquant.errors import fail, run_cli
+from onnxquant.staging import check_output_dir, staged_output_dir
+
+BUILDER_MODULE = "onnxruntime_genai.models.builder"
+GENAI_FOLDER_FILES = ("model.onnx", "genai_config.json", "tokenizer.json")
+
+
+def _run_builder(hf_dir: Path, out_dir: Path, precision: str, execution_provider: str, work_dir: Path) -> None:
+    """Run the ORT-GenAI model builder in a child process, its chatter kept in a log file."""
+    log_path = work_dir / "builder.log"
+    command = [
+        sys.executable, "-m", BUILDER_MODULE,
+        "-i", str(hf_dir), "-o", str(out_dir),
+        "-p", precision, "-e", execution_provider,
+        "-c", str(work_dir / "cache"),
+    ]
+    with open(log_path, "w", encoding="utf-8") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+        sys.stderr.write("\n".join(tail) + "\n")
+        raise RuntimeError(f"the ORT-GenAI model builder failed (exit {result.returncode}); its last lines are above")
+
+
+def export_model(source: ModelSource, output: Path, precision: str = "fp32", execution_provider: str = "cpu") -> float:
+    """Export `source` into the new folder `output`; returns the wall seconds it took."""
+    start = time.perf_counter()
+    with staged_output_dir(output) as staging, tempfile.TemporaryDirectory(
+        prefix=".onnxquant-export-", dir=output.absolute().parent
+    ) as work:
+        work_dir = Path(work)
+        if source.kind == "gguf":
+            hf_dir = work_dir / "hf"
+            print(f"dequantizing {source.path.name} to a float checkpoint ...", flush=True)
+            gguf_to_hf_folder(source.path, hf_dir)
+        else:
+            hf_dir = source.path
+        print(f"building the ONNX model with {BUILDER_MODULE} ({precision}, {execution_provider}) ...", flush=True)
+        _run_builder(hf_dir, staging, precision, execution_provider, work_dir)
+        missing = [name for name in GENAI_FOLDER_FILES if not (staging / name).is_file()]
+        if missing:
+            raise RuntimeError(f"the builder wrote no {', '.join(missing)}")
+    return time.perf_counter() - start
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m onnxquant.export", description=__doc__)
+    parser.add_argument("--model_path", default=None,
+                        help="Hugging Face checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct GGUF)")
+    parser.add_argument("--output_path", required=True, help="new folder for the ORT-GenAI model")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--execution_provider", choices=("cpu", "cuda", "dml"), default="cpu",
+                        help="device the model is built for (fp16 needs cuda or dml)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    source = resolve_model_source(args.model_path)
+    output = Path(args.output_path)
+    check_output_dir(output, [source.path], args.overwrite)
+    if args.precision == "fp16" and args.execution_provider == "cpu":
+        fail("the ORT-GenAI builder makes fp16 models only for cuda or dml; use --precision fp32 for the CPU")
+    seconds = export_model(source, output, args.precision, args.execution_provider)
+    size_mb = sum(f.stat().st_size for f in output.iterdir() if f.is_file()) / 1e6
+    print(f"exported {source.architecture} from {source.path} to {output}: size_mb={size_mb:.1f} seconds={seconds:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,93 @@
+"""An ORT-GenAI model folder: genai_config.json, the decoder ONNX file, and the tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnxquant.errors import fail
+
+# Files besides the ONNX model and its external data that make a folder loadable by ORT-GenAI.
+SIDECAR_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
+
+
+@dataclass(frozen=True)
+class GenAIFolder:
+    path: Path
+    config: dict
+
+    @property
+    def decoder(self) -> dict:
+        return self.config["model"]["decoder"]
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / self.decoder["filename"]
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model"]["type"]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.decoder["num_hidden_layers"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.decoder["num_key_value_heads"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.decoder["num_attention_heads"])
+
+    @property
+    def head_size(self) -> int:
+        return int(self.decoder["head_size"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.decoder["hidden_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["model"]["vocab_size"])
+
+    def past_names(self) -> list[str]:
+        inputs = self.decoder["inputs"]
+        names = []
+        for layer in range(self.num_layers):
+            names.append(inputs["past_key_names"] % layer)
+            names.append(inputs["past_value_names"] % layer)
+        return names
+
+
+def open_genai_folder(path: str | Path) -> GenAIFolder:
+    folder = Path(path)
+    if folder.is_file() and folder.suffix == ".onnx":
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"{folder} is not a folder; pass an ORT-GenAI model folder made by `python -m onnxquant.export`")
+    config_path = folder / "genai_config.json"
+    if not config_path.is_file():
+        fail(f"{folder} has no genai_config.json; pass an ORT-GenAI model folder made by `python -m onnxquant.export`")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        decoder = config["model"]["decoder"]
+        decoder["filename"], decoder["num_hidden_layers"], decoder["head_size"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        fail(f"{config_path} is not a valid ORT-GenAI config ({exc!r}); re-export the model")
+    result = GenAIFolder(folder, config)
+    if not result.model_file.is_file():
+        fail(f"{folder} has no {result.model_file.name}; the folder is incomplete, re-export the model")
+    if not (folder / "tokenizer.json").is_file():
+        fail(f"{folder} has no tokenizer.json; copy the model's tokenizer files into it")
+    return result
+
+
+def copy_sidecar_files(source: GenAIFolder, destination: Path) -> None:
+    """Copy genai_config.json, tokenizer and chat-template files; not the ONNX model or its data."""
+    for item in source.path.iterdir():
+        if item.is_file() and item.suffix in SIDECAR_SUFFIXES:
+            shutil.copy2(item, destination / item.name)

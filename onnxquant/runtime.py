@@ -1,0 +1,52 @@
+"""Running an ORT-GenAI decoder graph directly in ONNX Runtime (prefill from an empty KV cache)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxquant.genai_folder import GenAIFolder
+
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads or usable_cores()
+    return options
+
+
+def make_session(model: str | Path | bytes, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=options or session_options(), providers=["CPUExecutionProvider"])
+
+
+def prefill_feeds(session: ort.InferenceSession, folder: GenAIFolder, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for one prefill of `ids` [batch, seq]: the graph's real inputs with an empty past.
+
+    Past key/values have the shapes genai_config.json gives, with a past length of zero.
+    """
+    batch, seq = ids.shape
+    past = set(folder.past_names())
+    feeds = {}
+    for arg in session.get_inputs():
+        dtype = _ORT_TO_NUMPY[arg.type]
+        if arg.name == "input_ids":
+            feeds[arg.name] = ids.astype(dtype)
+        elif arg.name == "attention_mask":
+            feeds[arg.name] = np.ones((batch, seq), dtype=dtype)
+        elif arg.name == "position_ids":
+            feeds[arg.name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
+        elif arg.name in past:
+            feeds[arg.name] = np.zeros((batch, folder.num_kv_heads, 0, folder.head_size), dtype=dtype)
+        else:
+            raise ValueError(f"unexpected graph input {arg.name!r}; the folder is not an ORT-GenAI decoder")
+    return feeds

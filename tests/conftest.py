@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnxquant.data import WIKITEXT_CALIB_FILE, WIKITEXT_TEST_FILE, find_local_wikitext_dir
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    found = find_local_wikitext_dir()
+    assert found is not None, "WikiText-2 not found: set ONNXQUANT_WIKITEXT_DIR or put shared/data/wikitext-2 beside the checkout"
+    return found
+
+
+@pytest.fixture(scope="session")
+def test_text_path(wikitext_dir) -> Path:
+    return wikitext_dir / WIKITEXT_TEST_FILE
+
+
+@pytest.fixture(scope="session")
+def calib_text_path(wikitext_dir) -> Path:
+    return wikitext_dir / WIKITEXT_CALIB_FILE
+
+
+@pytest.fixture(scope="session")
+def test_text(test_text_path) -> str:
+    return test_text_path.read_text(encoding="utf-8")
+
+
+class _TinyModels:
+    """Builds each tiny recipe's HF checkpoint and ORT-GenAI export once per session."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def hf(self, name: str) -> Path:
+        from onnxquant.tiny_models import build_tiny_model
+
+        path = self.root / name
+        if not path.exists():
+            build_tiny_model(name, path)
+        return path
+
+    def onnx(self, name: str) -> Path:
+        from onnxquant.checkpoint import resolve_model_source
+        from onnxquant.export import export_model
+
+        path = self.root / f"{name}-onnx"
+        if not path.exists():
+            export_model(resolve_model_source(str(self.hf(name))), path)
+        return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> _TinyModels:
+    return _TinyModels(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct exported once for the whole session (about 45 s)."""
+    from onnxquant.checkpoint import resolve_model_source
+    from onnxquant.export import export_model
+
+    path = tmp_path_factory.mktemp("smollm2") / "fp32"
+    export_model(resolve_model_source(None), path)
+    return path
+
+
+def run_module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2, one `error:` line naming the problem, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

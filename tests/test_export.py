@@ -1,0 +1,39 @@
+import json
+
+import onnx
+
+from onnxquant.genai_folder import open_genai_folder
+
+
+def test_tiny_export_is_a_complete_genai_folder(tiny_models):
+    folder = open_genai_folder(tiny_models.onnx("tiny-llama-96"))
+    assert folder.model_type == "llama"
+    assert folder.hidden_size == 96 and folder.num_layers == 2
+    assert (folder.path / "tokenizer.json").is_file()
+    graph = onnx.load(str(folder.model_file), load_external_data=False).graph
+    assert [o.name for o in graph.output][0] == "logits"
+    assert not [p for p in folder.path.parent.iterdir() if ".partial-" in p.name], "staging folder left behind"
+
+
+def test_qwen2_export_keeps_qkv_bias(tiny_models):
+    folder = open_genai_folder(tiny_models.onnx("tiny-qwen2-96"))
+    graph = onnx.load(str(folder.model_file), load_external_data=False).graph
+    assert any(n.op_type == "Add" and "qkv_proj" in n.name for n in graph.node)
+
+
+def test_embedded_smollm2_tokenizer_has_digit_rule_restored(smollm2_onnx):
+    from tokenizers import Tokenizer
+
+    spec = json.loads((smollm2_onnx / "tokenizer.json").read_text(encoding="utf-8"))["pre_tokenizer"]
+    assert spec["type"] == "Sequence"
+    assert spec["pretokenizers"][0] == {"type": "Digits", "individual_digits": True}
+    tokenizer = Tokenizer.from_file(str(smollm2_onnx / "tokenizer.json"))
+    # With llama.cpp's smollm rule the whitespace before a digit stays one token.
+    assert tokenizer.encode("\n 1", add_special_tokens=False).tokens == ["ĊĠ", "1"]
+    assert tokenizer.encode("a  2023", add_special_tokens=False).tokens == ["a", "ĠĠ", "2", "0", "2", "3"]
+
+
+def test_embedded_smollm2_export_shapes(smollm2_onnx):
+    folder = open_genai_folder(smollm2_onnx)
+    assert (folder.hidden_size, folder.num_layers, folder.num_heads, folder.num_kv_heads) == (576, 30, 9, 3)
+    assert (smollm2_onnx / "model.onnx.data").stat().st_size > 500e6
