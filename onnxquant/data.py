@@ -75,6 +75,24 @@ def tokenize(folder: str | Path, text: str) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
+def tokenize_prefix(folder: str | Path, text: str, needed: int, chunk_chars: int = 1 << 16) -> np.ndarray:
+    """Token ids of the start of `text`, at least `needed` of them when the text has that many.
+
+    Encodes line-aligned chunks one after another and stops early, so memory follows `needed`
+    rather than the size of the file (tokenizers keeps offsets and strings for every token).
+    """
+    tokenizer = load_tokenizer(folder)
+    pieces, count, start = [], 0, 0
+    while start < len(text) and count < needed:
+        end = text.find("\n", start + chunk_chars)
+        end = len(text) if end < 0 else end + 1
+        ids = np.asarray(tokenizer.encode(text[start:end], add_special_tokens=False).ids, dtype=np.int32)
+        pieces.append(ids)
+        count += len(ids)
+        start = end
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
 def cut_windows(ids: np.ndarray, size: int, count: int | None, what: str) -> np.ndarray:
     """Consecutive non-overlapping windows of `size` tokens, shape [n, size]."""
     available = len(ids) // size

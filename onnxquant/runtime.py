@@ -29,7 +29,12 @@ def make_session(model: str | Path | bytes, options: ort.SessionOptions | None =
     return ort.InferenceSession(source, sess_options=options or session_options(), providers=["CPUExecutionProvider"])
 
 
-def prefill_feeds(session: ort.InferenceSession, folder: GenAIFolder, ids: np.ndarray) -> dict[str, np.ndarray]:
+def input_specs(session: ort.InferenceSession) -> list[tuple[str, type]]:
+    """(name, numpy dtype) of each graph input."""
+    return [(arg.name, _ORT_TO_NUMPY[arg.type]) for arg in session.get_inputs()]
+
+
+def prefill_feeds(specs: list[tuple[str, type]], folder: GenAIFolder, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs for one prefill of `ids` [batch, seq]: the graph's real inputs with an empty past.
 
     Past key/values have the shapes genai_config.json gives, with a past length of zero.
@@ -37,16 +42,15 @@ def prefill_feeds(session: ort.InferenceSession, folder: GenAIFolder, ids: np.nd
     batch, seq = ids.shape
     past = set(folder.past_names())
     feeds = {}
-    for arg in session.get_inputs():
-        dtype = _ORT_TO_NUMPY[arg.type]
-        if arg.name == "input_ids":
-            feeds[arg.name] = ids.astype(dtype)
-        elif arg.name == "attention_mask":
-            feeds[arg.name] = np.ones((batch, seq), dtype=dtype)
-        elif arg.name == "position_ids":
-            feeds[arg.name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
-        elif arg.name in past:
-            feeds[arg.name] = np.zeros((batch, folder.num_kv_heads, 0, folder.head_size), dtype=dtype)
+    for name, dtype in specs:
+        if name == "input_ids":
+            feeds[name] = ids.astype(dtype)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, seq), dtype=dtype)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
+        elif name in past:
+            feeds[name] = np.zeros((batch, folder.num_kv_heads, 0, folder.head_size), dtype=dtype)
         else:
-            raise ValueError(f"unexpected graph input {arg.name!r}; the folder is not an ORT-GenAI decoder")
+            raise ValueError(f"unexpected graph input {name!r}; the folder is not an ORT-GenAI decoder")
     return feeds

@@ -70,15 +70,16 @@ class OrtBackend:
     """Logits through a plain onnxruntime session, as a cross-check of the GenAI path."""
 
     def __init__(self, folder: GenAIFolder):
-        from onnxquant.runtime import make_session
+        from onnxquant.runtime import input_specs, make_session
 
         self.folder = folder
         self.session = make_session(folder.model_file)
+        self.specs = input_specs(self.session)
 
     def logits(self, window: np.ndarray) -> np.ndarray:
         from onnxquant.runtime import prefill_feeds
 
-        feeds = prefill_feeds(self.session, self.folder, window.reshape(1, -1))
+        feeds = prefill_feeds(self.specs, self.folder, window.reshape(1, -1))
         return self.session.run(["logits"], feeds)[0][0]
 
 

@@ -1,0 +1,80 @@
+"""Small helpers over onnx_ir graphs: initializer access, lazily transformed weights, MatMul biases."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+
+def is_initializer(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.is_initializer()
+
+
+def initializer_array(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
+
+
+def transform_initializer(value: ir.Value, transform: Callable[[np.ndarray], np.ndarray],
+                          dtype: ir.DataType | None = None, shape: tuple[int, ...] | None = None) -> None:
+    """Replace an initializer by `transform(old)`, computed only when the tensor is read.
+
+    Chained transforms stack up and run one tensor at a time when the model is saved, so a pass
+    never holds more than one weight in memory. The result is cast back to the stored dtype.
+    """
+    previous = value.const_value
+    out_dtype = dtype or previous.dtype
+    out_shape = ir.Shape(shape if shape is not None else previous.shape)
+    np_dtype = out_dtype.numpy()
+
+    def compute() -> ir.TensorProtocol:
+        return ir.tensor(np.ascontiguousarray(transform(previous.numpy()), dtype=np_dtype), name=value.name)
+
+    value.const_value = ir.LazyTensor(compute, dtype=out_dtype, shape=out_shape, name=value.name)
+    value.dtype = out_dtype
+    value.shape = out_shape
+
+
+def add_initializer(graph: ir.Graph, name: str, array_or_lazy, dtype: ir.DataType | None = None,
+                    shape: tuple[int, ...] | None = None) -> ir.Value:
+    """Register a new initializer holding a numpy array, or a zero-argument function computing one."""
+    if callable(array_or_lazy):
+        func = array_or_lazy
+        tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(func()), name=name), dtype=dtype,
+                               shape=ir.Shape(shape), name=name)
+    else:
+        tensor = ir.tensor(array_or_lazy, name=name)
+    value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape))
+    graph.register_initializer(value)
+    return value
+
+
+def constant_weight(node: ir.Node, index: int = 1) -> ir.Value | None:
+    """The initializer at input `index` of `node`, if that input is one."""
+    if len(node.inputs) <= index:
+        return None
+    value = node.inputs[index]
+    return value if is_initializer(value) else None
+
+
+def matmul_bias(matmul: ir.Node) -> tuple[ir.Node, ir.Value] | None:
+    """The `Add(matmul_out, bias)` right after a MatMul, when its other input is a constant vector."""
+    uses = list(matmul.outputs[0].uses())
+    if len(uses) != 1:
+        return None
+    add = uses[0].node
+    if add.op_type != "Add" or add.domain != "":
+        return None
+    other = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
+    if is_initializer(other) and other.shape is not None and len(other.shape) == 1:
+        return add, other
+    return None
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    return [use.node for use in value.uses()]
+
+
+def nodes_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
+    return {node.name: node for node in graph}

@@ -1,0 +1,68 @@
+"""QuaRot R1: rotate the residual stream by an orthogonal matrix Q."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxquant.graph_utils import constant_weight, initializer_array, matmul_bias, transform_initializer
+from onnxquant.rotation_config import ResolvedPair, norm_weight_index
+
+ROTATION_METADATA_KEY = "onnxquant.rotation"
+
+
+class RotateR1Pass(ir.passes.InPlacePass):
+    """Rotate the residual stream h -> h Q (Q orthogonal, hidden x hidden).
+
+    Writers (prev_nodes) get their output side rotated: the embedding table E <- E Q, a writer
+    MatMul W <- W Q and its bias b <- b Q. Readers (next_nodes) get the inverse on their input
+    side: W <- Qᵀ W, bias unchanged. The norms in between must already have weight 1 (see
+    FoldNormIntoReadersPass): RMSNorm(h Q) = RMSNorm(h) Q because Q keeps the norm of each row.
+    The float model computes the same function. Math runs in float64; weights keep their dtype.
+    A metadata entry marks the model as rotated.
+    """
+
+    def __init__(self, pairs: list[ResolvedPair], rotation: np.ndarray, description: dict):
+        super().__init__()
+        self.pairs = pairs
+        self.q = rotation
+        self.description = description
+
+    def _rotate_writer(self, node: ir.Node, done: set[str]) -> None:
+        q = self.q
+        if node.op_type == "Gather":
+            table = node.inputs[0]
+            if table.name not in done:
+                transform_initializer(table, lambda e: e.astype(np.float64) @ q)
+                done.add(table.name)
+            return
+        weight = constant_weight(node)
+        if node.op_type != "MatMul" or weight is None:
+            raise ValueError(f"{node.name} writes the residual stream but is not a Gather or constant MatMul")
+        transform_initializer(weight, lambda w: w.astype(np.float64) @ q)
+        bias = matmul_bias(node)
+        if bias is not None:
+            transform_initializer(bias[1], lambda b: b.astype(np.float64) @ q)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        q = self.q
+        writers_done: set[str] = set()
+        readers_done: set[str] = set()
+        for pair in self.pairs:
+            gain = initializer_array(pair.norm_node.inputs[norm_weight_index(pair.norm_node)])
+            if not np.all(gain == 1.0):
+                raise ValueError(f"{pair.norm_node.name} still has a norm weight; fold it into its readers first")
+            for writer in pair.prev_nodes:
+                if writer.name not in writers_done:
+                    self._rotate_writer(writer, writers_done)
+                    writers_done.add(writer.name)
+            for reader in pair.next_nodes:
+                if reader.name in readers_done:
+                    continue
+                weight = constant_weight(reader)
+                transform_initializer(weight, lambda w: q.T @ w.astype(np.float64))
+                readers_done.add(reader.name)
+        model.metadata_props[ROTATION_METADATA_KEY] = json.dumps(self.description)
+        return ir.passes.PassResult(model, modified=True)

@@ -1,0 +1,142 @@
+"""Rotation configs: which nodes write the residual stream, which norm sits between, which nodes read it.
+
+Two formats, one schema. Each entry of `R1_pairs` is `{"prev_nodes": [...], "norm_node": "...",
+"next_nodes": [...]}` as in AMD Quark. An entry with a `"layers"` key ("first", "rest", "all",
+"last") is a template expanded for those layers, with `{i}`, `{i-1}` and `{i+1}` replaced by layer
+indices, so one family config fits any depth; an entry without it is taken literally (Quark's
+per-model configs work unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxquant.errors import fail
+from onnxquant.graph_utils import matmul_bias, nodes_by_name
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "rotation_configs"
+NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+LAYER_SELECTORS = ("first", "rest", "all", "last")
+
+
+@dataclass(frozen=True)
+class RotationPair:
+    prev_nodes: tuple[str, ...]
+    norm_node: str
+    next_nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    source: str
+    pairs: tuple[RotationPair, ...]
+
+
+def _expand(template: str, i: int) -> str:
+    return template.replace("{i-1}", str(i - 1)).replace("{i+1}", str(i + 1)).replace("{i}", str(i))
+
+
+def _layers(selector: str, num_layers: int) -> range:
+    return {"first": range(0, 1), "rest": range(1, num_layers), "all": range(num_layers),
+            "last": range(num_layers - 1, num_layers)}[selector]
+
+
+def parse_rotation_config(data: dict, source: str, num_layers: int) -> RotationConfig:
+    entries = data.get("R1_pairs") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        fail(f"rotation config {source} has no \"R1_pairs\" list; see rotation_configs/llama.json for the format")
+    pairs = []
+    for number, entry in enumerate(entries):
+        try:
+            prev, norm, nxt = list(entry["prev_nodes"]), str(entry["norm_node"]), list(entry["next_nodes"])
+        except (KeyError, TypeError):
+            fail(f"rotation config {source}: R1_pairs[{number}] needs prev_nodes, norm_node and next_nodes")
+        selector = entry.get("layers")
+        if selector is None:
+            pairs.append(RotationPair(tuple(prev), norm, tuple(nxt)))
+            continue
+        if selector not in LAYER_SELECTORS:
+            fail(f"rotation config {source}: R1_pairs[{number}] has layers={selector!r}; use one of {', '.join(LAYER_SELECTORS)}")
+        for i in _layers(selector, num_layers):
+            pairs.append(RotationPair(tuple(_expand(p, i) for p in prev), _expand(norm, i), tuple(_expand(n, i) for n in nxt)))
+    return RotationConfig(source, tuple(pairs))
+
+
+def load_rotation_config(path: str | Path | None, model_type: str, num_layers: int) -> RotationConfig:
+    """The config at `path`, or the family config in rotation_configs/ whose model_types has `model_type`."""
+    if path is None:
+        for candidate in sorted(CONFIG_DIR.glob("*.json")):
+            data = json.loads(candidate.read_text(encoding="utf-8"))
+            if model_type in data.get("model_types", []):
+                return parse_rotation_config(data, candidate.name, num_layers)
+        fail(f"no rotation config for model type {model_type!r} in {CONFIG_DIR}; write one and pass --r_config_path")
+    path = Path(path)
+    if not path.is_file():
+        fail(f"rotation config {path} does not exist; pass a JSON file such as rotation_configs/llama.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        fail(f"rotation config {path} is not valid JSON ({exc})")
+    return parse_rotation_config(data, str(path), num_layers)
+
+
+@dataclass(frozen=True)
+class ResolvedPair:
+    prev_nodes: tuple[ir.Node, ...]
+    norm_node: ir.Node
+    next_nodes: tuple[ir.Node, ...]
+
+
+def norm_weight_index(norm: ir.Node) -> int:
+    return 2 if norm.op_type == "SkipSimplifiedLayerNormalization" else 1
+
+
+def resolve_pairs(config: RotationConfig, graph: ir.Graph) -> list[ResolvedPair]:
+    """Map config names to graph nodes and check the config covers every residual writer and reader.
+
+    A rotation is exact only if every node writing the residual stream and every node reading a
+    norm's output is rotated; anything missed would silently change the model, so it is an error.
+    """
+    by_name = nodes_by_name(graph)
+
+    def lookup(name: str) -> ir.Node:
+        if name not in by_name:
+            fail(f"rotation config {config.source}: node {name!r} is not in the graph; "
+                 f"the config does not match this model (check --r_config_path)")
+        return by_name[name]
+
+    resolved = [ResolvedPair(tuple(lookup(p) for p in pair.prev_nodes), lookup(pair.norm_node),
+                             tuple(lookup(n) for n in pair.next_nodes)) for pair in config.pairs]
+    writers = {node.name for pair in resolved for node in pair.prev_nodes}
+    covered_norms = set()
+    for pair in resolved:
+        norm = pair.norm_node
+        if norm.op_type not in NORM_OPS:
+            fail(f"rotation config {config.source}: norm_node {norm.name!r} is a {norm.op_type}, not an RMSNorm")
+        covered_norms.add(norm.name)
+        readers = {n.name for n in pair.next_nodes}
+        for use in norm.outputs[0].uses():
+            if use.node.name not in readers:
+                fail(f"rotation config {config.source}: {use.node.name!r} reads {norm.name!r} but is not in its next_nodes")
+        data_inputs = norm.inputs[:2] if norm.op_type == "SkipSimplifiedLayerNormalization" else norm.inputs[:1]
+        for value in data_inputs:
+            producer = value.producer()
+            if producer is None:
+                fail(f"rotation config {config.source}: {norm.name!r} reads a graph input, which cannot be rotated")
+            if producer.op_type == "SkipSimplifiedLayerNormalization" or producer.name in writers:
+                continue
+            if producer.op_type == "Add":
+                matmul = next((v.producer() for v in producer.inputs if v.producer() is not None
+                               and v.producer().name in writers), None)
+                if matmul is not None and matmul_bias(matmul) is not None:
+                    continue
+            fail(f"rotation config {config.source}: {producer.name!r} writes the residual stream read by "
+                 f"{norm.name!r} but is not in its prev_nodes")
+    for node in graph:
+        if node.op_type in NORM_OPS and node.name not in covered_norms:
+            fail(f"rotation config {config.source}: norm {node.name!r} is not in any R1 pair; the config does not match this model")
+    return resolved
