@@ -21,7 +21,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
 from onnxquant.genai_folder import GenAIFolder
-from onnxquant.runtime import input_specs, make_session, prefill_feeds, session_options
+from onnxquant.runtime import make_session, prefill_feeds, session_options
 from onnxquant.schemes import Calibration
 
 
@@ -192,7 +192,8 @@ def build_calibration_model(model_path: Path, observed: Iterable[tuple[str, str]
 
     model = ir.load(model_path)
     graph = model.graph
-    values = {v.name: v for node in graph for v in node.outputs}
+    values = {v.name: v for v in graph.inputs}
+    values.update({v.name: v for node in graph for v in node.outputs})
     graph.outputs.clear()
     for tensor_name, needs in observed:
         for stat_value in _reduction_outputs(graph, values[tensor_name], needs).values():
@@ -202,14 +203,25 @@ def build_calibration_model(model_path: Path, observed: Iterable[tuple[str, str]
     return ir.to_proto(model).SerializeToString()
 
 
+def graph_input_specs(model_path: Path) -> list[tuple[str, type]]:
+    """(name, numpy dtype) of each graph input, read without loading weights."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [(i.name, onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).type) for i in graph.input]
+
+
+def token_sample_reader(model_path: Path, folder: GenAIFolder, samples: np.ndarray) -> TokenSampleReader:
+    return TokenSampleReader(folder, samples, graph_input_specs(model_path))
+
+
 def run_calibration(
     model_path: Path,
-    folder: GenAIFolder,
-    samples: np.ndarray,
+    reader: CalibrationDataReader,
     observers: dict[str, object],
     desc: str = "calibration",
 ) -> CalibrationRun:
-    """Run every sample through ORT and feed each observer the statistics of its tensor."""
+    """Run every sample of `reader` through ORT and feed each observer the statistics of its tensor."""
     import time
 
     start = time.perf_counter()
@@ -219,8 +231,13 @@ def run_calibration(
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
     session = make_session(build_calibration_model(model_path, observed), options)
     output_names = [o.name for o in session.get_outputs()]
-    reader = TokenSampleReader(folder, samples, input_specs(session))
-    for feeds in tqdm(iter(reader.get_next, None), total=len(reader), desc=desc, unit="sample"):
+    try:
+        total = len(reader)
+    except (TypeError, NotImplementedError):  # ORT's base reader declares __len__ but need not implement it
+        total = None
+    samples = 0
+    for feeds in tqdm(iter(reader.get_next, None), total=total, desc=desc, unit="sample"):
+        samples += 1
         results = dict(zip(output_names, session.run(output_names, feeds)))
         for name, observer in observers.items():
             if observer.needs == "raw":
@@ -228,4 +245,4 @@ def run_calibration(
             else:
                 prefix = f"{name}::"
                 observer.update({k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)})
-    return CalibrationRun(time.perf_counter() - start, len(samples), observers)
+    return CalibrationRun(time.perf_counter() - start, samples, observers)

@@ -96,10 +96,10 @@ def tokenize_prefix(folder: str | Path, text: str, needed: int, chunk_chars: int
 def cut_windows(ids: np.ndarray, size: int, count: int | None, what: str) -> np.ndarray:
     """Consecutive non-overlapping windows of `size` tokens, shape [n, size]."""
     available = len(ids) // size
-    if available == 0:
-        fail(f"the {what} has {len(ids)} tokens, fewer than one block of {size}; give a longer text or a smaller block size")
     if count is not None and count > available:
         fail(f"the {what} has {len(ids)} tokens, enough for {available} samples of {size}, not {count}; "
              f"give more text or lower the sample count")
+    if available == 0:
+        fail(f"the {what} has {len(ids)} tokens, fewer than one block of {size}; give a longer text or a smaller block size")
     n = available if count is None else count
     return ids[: n * size].reshape(n, size)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from onnxquant.calibration import ChannelAbsMaxObserver, make_observer, run_calibration
+from onnxquant.calibration import ChannelAbsMaxObserver, make_observer, run_calibration, token_sample_reader
 from onnxquant.data import cut_windows, load_hub_text, read_text_file, tokenize_prefix
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import GenAIFolder, copy_sidecar_files, open_genai_folder
@@ -111,7 +111,8 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
         UntieEmbeddingsPass()(model)
         targets = smooth_targets(model.graph, settings.exclude)
         observers = {target.activation: ChannelAbsMaxObserver() for target in targets}
-        run = run_calibration(current_path, folder, samples, observers, desc="smoothquant statistics")
+        run = run_calibration(current_path, token_sample_reader(current_path, folder, samples), observers,
+                              desc="smoothquant statistics")
         report.calibration_seconds += run.seconds
         smooth = SmoothQuantPass(targets, {name: obs.absmax for name, obs in observers.items()}, settings.sq_alpha)
         _run_passes(model, [smooth])
@@ -120,7 +121,7 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
     if not settings.skip_quantization:
         plan = plan_quantization(model.graph, settings.exclude)
         observers = {name: make_observer(settings.scheme.calibration) for name in plan.activations}
-        run = run_calibration(current_path, folder, samples, observers, desc="calibration")
+        run = run_calibration(current_path, token_sample_reader(current_path, folder, samples), observers)
         report.calibration_seconds += run.seconds
         ranges = {name: observer.range() for name, observer in observers.items()}
         UntieEmbeddingsPass()(model)

@@ -105,7 +105,7 @@ def evaluate_perplexity(folder: GenAIFolder, windows: np.ndarray, backend: str =
 def eval_windows(folder: GenAIFolder, text: str, block_size: int, max_blocks: int | None) -> np.ndarray:
     ids = tokenize(folder.path, text)
     available = len(ids) // block_size
-    count = None if max_blocks is None else min(max_blocks, max(available, 1))
+    count = None if max_blocks is None or available == 0 else min(max_blocks, available)
     return cut_windows(ids, block_size, count, "evaluation text")
 
 

@@ -1,0 +1,197 @@
+import re
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader
+
+from onnxquant.calibration import MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver, run_calibration
+from onnxquant.genai_folder import open_genai_folder
+from onnxquant.passes import InsertQDQPass
+from onnxquant.passes.insert_qdq import plan_quantization
+from onnxquant.runtime import make_session
+from onnxquant.schemes import SCHEMES, quant_params
+from onnxquant.validate import eval_windows, evaluate_perplexity
+
+from conftest import assert_user_error, run_module
+
+
+def test_moving_average_matches_hand_computed_sequence():
+    observer = MovingAverageMinMaxObserver(averaging_constant=0.5)
+    for low, high in [(-4.0, 8.0), (-2.0, 4.0), (-8.0, 0.0)]:
+        observer.update({"min": np.float32(low), "max": np.float32(high)})
+    # min: -4 -> -4 + 0.5 * (-2 + 4) = -3 -> -3 + 0.5 * (-8 + 3) = -5.5 ; max: 8 -> 6 -> 3
+    assert observer.range() == pytest.approx((-5.5, 3.0))
+
+
+def test_minmax_keeps_extremes():
+    observer = MinMaxObserver()
+    for low, high in [(-1.0, 2.0), (-3.0, 1.0)]:
+        observer.update({"min": low, "max": high})
+    assert observer.range() == (-3.0, 2.0)
+
+
+def test_percentile_clips_a_lone_outlier():
+    observer = PercentileObserver(99.0)
+    data = np.concatenate([np.linspace(-1, 1, 10_000), [50.0]]).astype(np.float32)
+    observer.update({"raw": data})
+    low, high = observer.range()
+    assert low == pytest.approx(-1.0, abs=0.05) and high == pytest.approx(1.0, abs=0.05)
+
+
+def test_symmetric_and_asymmetric_grids():
+    scale, zero = quant_params(-2.0, 5.0, SCHEMES["INT8_TRANSFORMER_DEFAULT"].activations)
+    assert scale == pytest.approx(5.0 / 127) and zero == 0
+    scale, zero = quant_params(-2.0, 5.0, SCHEMES["UINT8_TRANSFORMER_DEFAULT"].activations)
+    assert scale == pytest.approx(7.0 / 255) and zero == round(2.0 / (7.0 / 255))
+
+
+class _ArrayReader(CalibrationDataReader):
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def _toy_matmul_model(path, weight):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/toy/MatMul")], "toy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+
+
+def test_per_tensor_scales_are_max_abs_over_127_on_a_toy_graph(tmp_path):
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 3)).astype(np.float32)
+    batches = [{"x": rng.normal(size=(5, 4)).astype(np.float32) * k} for k in (1.0, 3.0, 2.0)]
+    path = tmp_path / "toy.onnx"
+    _toy_matmul_model(path, weight)
+    observers = {"x": MinMaxObserver()}
+    run_calibration(path, _ArrayReader(batches), observers)
+    every_x = np.concatenate([b["x"] for b in batches])
+    assert observers["x"].range() == pytest.approx((every_x.min(), every_x.max()))
+
+    model = ir.load(path)
+    plan = plan_quantization(model.graph)
+    assert plan.activations == {"x": ["/toy/MatMul"]}
+    InsertQDQPass(SCHEMES["INT8_TRANSFORMER_DEFAULT"], plan, {"x": observers["x"].range()})(model)
+    inits = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
+    assert inits["x/act_scale"] == pytest.approx(np.abs(every_x).max() / 127)
+    assert inits["w_scale"] == pytest.approx(np.abs(weight).max() / 127)
+    assert inits["w_quantized"].dtype == np.int8 and "w" not in inits
+
+    out_path = tmp_path / "toy_qdq.onnx"
+    ir.save(model, out_path)
+    session = make_session(out_path)
+    x = batches[1]["x"]
+    assert session.run(None, {"x": x})[0] == pytest.approx(x @ weight, abs=0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny_models, tmp_path_factory, calib_text_path):
+    out = tmp_path_factory.mktemp("q") / "int8"
+    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96") / "model.onnx"),
+                        "--output_model_path", str(out / "model.onnx"), "--num_calib_data", "8", "--seq_len", "128",
+                        "--calib_data", str(calib_text_path), "--use_moving_average")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout.strip().splitlines()[-1]
+
+
+def test_quantized_folder_runs_in_ort_genai_close_to_float(tiny_models, tiny_int8, test_text):
+    out, _ = tiny_int8
+    float_folder = open_genai_folder(tiny_models.onnx("tiny-llama-96"))
+    quant_folder = open_genai_folder(out)
+    windows = eval_windows(float_folder, test_text[:20000], 128, 4)
+    float_ppl = evaluate_perplexity(float_folder, windows, "genai", progress=False).perplexity
+    quant_ppl = evaluate_perplexity(quant_folder, windows, "genai", progress=False).perplexity
+    assert abs(quant_ppl / float_ppl - 1) < 0.05
+
+
+def test_quantized_graph_has_int8_weights_and_qdq_pairs(tiny_int8):
+    out, summary = tiny_int8
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert ops.count("QuantizeLinear") == 9  # 2 layers x (qkv, o, gate/up shared, down) + lm_head
+    producers = {o: n for n in graph.node for o in n.output}
+    for matmul in matmuls:
+        assert producers[matmul.input[0]].op_type == "DequantizeLinear"
+        assert producers[matmul.input[1]].op_type == "DequantizeLinear"
+    assert all(init.data_type != TensorProto.FLOAT or init.dims in ([], [1]) or len(init.dims) == 1
+               for init in graph.initializer if init.name.endswith("weight"))
+    assert re.fullmatch(r"quantized=\d+ nodes config=INT8_TRANSFORMER_DEFAULT seconds=[\d.]+ peak_rss_mb=\d+ size_mb=[\d.]+", summary)
+
+
+def _peak_rss(tiny_models, tmp_path, calib_text_path, samples):
+    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-576")),
+                        "--output_model_path", str(tmp_path / f"q{samples}"), "--num_calib_data", str(samples),
+                        "--seq_len", "256", "--calib_data", str(calib_text_path), "--use_moving_average")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(re.search(r"peak_rss_mb=(\d+)", result.stdout).group(1))
+
+
+def test_memory_stays_flat_as_calibration_samples_grow(tiny_models, tmp_path, calib_text_path):
+    small = _peak_rss(tiny_models, tmp_path, calib_text_path, 8)
+    large = _peak_rss(tiny_models, tmp_path, calib_text_path, 32)
+    assert large <= small * 1.05 + 10, (small, large)
+
+
+def _quantize(*args):
+    return run_module("onnxquant.quantize", *args)
+
+
+@pytest.fixture()
+def tiny_input(tiny_models):
+    return str(tiny_models.onnx("tiny-llama-96") / "model.onnx")
+
+
+def test_unknown_config(tiny_input, tmp_path, calib_text_path):
+    result = _quantize("--input_model_path", tiny_input, "--output_model_path", str(tmp_path / "o"),
+                       "--config", "INT3_MAGIC", "--calib_data", str(calib_text_path))
+    assert_user_error(result, "unknown --config 'INT3_MAGIC'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_input_not_a_genai_folder(tmp_path, calib_text_path):
+    (tmp_path / "plain").mkdir()
+    result = _quantize("--input_model_path", str(tmp_path / "plain"), "--output_model_path", str(tmp_path / "o"),
+                       "--calib_data", str(calib_text_path))
+    assert_user_error(result, "genai_config.json")
+
+
+def test_calibration_text_too_short(tiny_input, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("a few words only\n" * 3)
+    result = _quantize("--input_model_path", tiny_input, "--output_model_path", str(tmp_path / "o"),
+                       "--calib_data", str(short), "--num_calib_data", "64", "--seq_len", "512")
+    assert_user_error(result, "tokens", "not 64")
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_equal_to_input_is_refused(tiny_models, calib_text_path):
+    folder = tiny_models.onnx("tiny-llama-96")
+    before = (folder / "model.onnx").read_bytes()
+    result = _quantize("--input_model_path", str(folder / "model.onnx"), "--output_model_path", str(folder / "model.onnx"),
+                       "--calib_data", str(calib_text_path))
+    assert_user_error(result, "overlaps the input")
+    assert (folder / "model.onnx").read_bytes() == before
+
+
+def test_existing_output_needs_overwrite(tiny_input, tmp_path, calib_text_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("keep")
+    result = _quantize("--input_model_path", tiny_input, "--output_model_path", str(tmp_path / "o"),
+                       "--calib_data", str(calib_text_path))
+    assert_user_error(result, "--overwrite")
+    assert (tmp_path / "o" / "x").read_text() == "keep"
+
+
+def test_exclude_that_matches_nothing(tiny_input, tmp_path, calib_text_path):
+    result = _quantize("--input_model_path", tiny_input, "--output_model_path", str(tmp_path / "o"),
+                       "--calib_data", str(calib_text_path), "--exclude", "no_such_node")
+    assert_user_error(result, "'no_such_node' matches no node")
