@@ -83,3 +83,26 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
     assert len(lines) == 1, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def prefill_logits(folder_path: Path, ids):
+    from onnxquant.genai_folder import open_genai_folder
+    from onnxquant.runtime import input_specs, make_session, prefill_feeds
+
+    folder = open_genai_folder(folder_path)
+    session = make_session(folder.model_file)
+    return session.run(["logits"], prefill_feeds(input_specs(session), folder, ids.reshape(1, -1)))[0]
+
+
+def relative_logit_error(reference, candidate) -> float:
+    """max |candidate - reference| / max |reference|."""
+    import numpy as np
+
+    return float(np.abs(candidate - reference).max() / np.abs(reference).max())
+
+
+def float_pass_run(source: Path, out: Path, calib_text_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`quantize --skip_quantization` with `flags`, a few short calibration samples."""
+    return run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
+                      "--skip_quantization", "--calib_data", str(calib_text_path), "--num_calib_data", "4",
+                      "--seq_len", "128", "--overwrite", *flags)

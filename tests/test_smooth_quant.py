@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from onnxquant.data import tokenize
+from onnxquant.passes.smooth_quant import smoothing_scales
+
+from conftest import assert_user_error, float_pass_run, prefill_logits, relative_logit_error
+
+
+def test_smoothing_scale_formula():
+    act = np.array([8.0, 1.0, 0.0])
+    wgt = np.array([2.0, 4.0, 1.0])
+    # s = act^0.5 / w^0.5; a channel that never fires keeps s = 1
+    assert smoothing_scales(act, wgt, 0.5) == pytest.approx([2.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("name", ["tiny-llama3-64", "tiny-llama-96", "tiny-qwen2-96", "tiny-llama-576"])
+@pytest.mark.parametrize("flags", [("--include_sq",), ("--include_rotation", "--include_sq")])
+def test_smoothed_float_model_keeps_its_logits(tiny_models, tmp_path, calib_text_path, test_text, name, flags):
+    source = tiny_models.onnx(name)
+    result = float_pass_run(source, tmp_path / "sq", calib_text_path, *flags, "--sq_alpha", "0.6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sq_inserted_muls=0" in result.stdout  # every target folded into a producer
+    ids = tokenize(source, test_text[:3000])[:256]
+    assert relative_logit_error(prefill_logits(source, ids), prefill_logits(tmp_path / "sq", ids)) < 1e-4
+
+
+def test_rotation_and_smoothquant_together_keep_smollm2_logits(smollm2_onnx, tmp_path, calib_text_path, test_text):
+    result = float_pass_run(smollm2_onnx, tmp_path / "rsq", calib_text_path, "--include_rotation", "--include_sq")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = tokenize(smollm2_onnx, test_text[:4000])[:256]
+    assert relative_logit_error(prefill_logits(smollm2_onnx, ids), prefill_logits(tmp_path / "rsq", ids)) < 1e-4
+
+
+@pytest.mark.parametrize("alpha", ["0", "1", "1.5", "-0.2"])
+def test_alpha_outside_open_unit_interval(tiny_models, tmp_path, calib_text_path, alpha):
+    result = float_pass_run(tiny_models.onnx("tiny-llama-96"), tmp_path / "o", calib_text_path, "--include_sq", "--sq_alpha", alpha)
+    assert_user_error(result, "--sq_alpha must be between 0 and 1")
+
+
+def test_smoothquant_without_calibration_data(tiny_models, tmp_path):
+    from conftest import run_module
+
+    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+                        "--output_model_path", str(tmp_path / "o"), "--skip_quantization", "--include_sq",
+                        "--calib_data", str(tmp_path / "missing.txt"))
+    assert_user_error(result, "missing.txt does not exist")
