@@ -1,12 +1,13 @@
 """Quantization schemes as declared data: one frozen dataclass per name in SCHEMES.
 
-Activation signedness: the INT8 schemes quantize activations to signed int8, symmetric (zero point
-0). The tensors onnxquant quantizes (RMSNorm outputs, attention outputs, silu(gate)*up) are
-roughly centred on zero, so a symmetric grid wastes little range, and zero point 0 lets ORT fuse
-each DQ -> MatMul <- DQ group into one integer kernel without zero-point corrections. The
-UINT8 schemes keep the asymmetric uint8 grid (zero point from the observed minimum) for readers
-whose inputs are skewed, and because x86 integer GEMM kernels are built around u8 x s8 products.
-Weights are always signed int8, symmetric.
+Activation signedness: the default schemes quantize activations to uint8 with an asymmetric
+grid (zero point from the observed minimum). Measured on SmolLM2-135M (64 x 512 calibration
+tokens, moving-average MinMax, first 4 wikitext-2 test blocks, float 24.52): uint8 asymmetric
+46.12 against int8 symmetric 57.26, and ORT's CPU kernels ran the uint8 model 3x faster on an
+AVX2 machine, whose integer GEMM is built around u8 x s8 products (s8 x s8 falls back to a slow
+path without VNNI). The activations are skewed enough (e.g. silu(gate) * up) that a symmetric
+grid wastes levels. The *_SYMMETRIC_ACT schemes keep signed int8 with zero point 0 for targets
+that want it. Weights are always signed int8, symmetric.
 """
 
 from __future__ import annotations
@@ -69,17 +70,17 @@ SCHEMES: dict[str, QuantScheme] = {
     scheme.name: scheme
     for scheme in (
         QuantScheme("INT8_TRANSFORMER_DEFAULT",
-                    "int8 symmetric per-tensor weights, int8 symmetric per-tensor static activations, MinMax",
-                    INT8_WEIGHT_PER_TENSOR, INT8_SYMMETRIC_ACT),
-        QuantScheme("INT8_PER_CHANNEL",
-                    "int8 symmetric per-output-channel weights, int8 symmetric per-tensor static activations, MinMax",
-                    INT8_WEIGHT_PER_CHANNEL, INT8_SYMMETRIC_ACT),
-        QuantScheme("UINT8_TRANSFORMER_DEFAULT",
-                    "int8 symmetric per-tensor weights, uint8 asymmetric per-tensor static activations, MinMax",
+                    "int8 symmetric per-tensor weights, uint8 asymmetric per-tensor static activations",
                     INT8_WEIGHT_PER_TENSOR, UINT8_ASYMMETRIC_ACT),
-        QuantScheme("UINT8_PER_CHANNEL",
-                    "int8 symmetric per-output-channel weights, uint8 asymmetric per-tensor static activations, MinMax",
+        QuantScheme("INT8_PER_CHANNEL",
+                    "int8 symmetric per-output-channel weights, uint8 asymmetric per-tensor static activations",
                     INT8_WEIGHT_PER_CHANNEL, UINT8_ASYMMETRIC_ACT),
+        QuantScheme("INT8_SYMMETRIC_ACT",
+                    "int8 symmetric per-tensor weights, int8 symmetric per-tensor static activations",
+                    INT8_WEIGHT_PER_TENSOR, INT8_SYMMETRIC_ACT),
+        QuantScheme("INT8_SYMMETRIC_ACT_PER_CHANNEL",
+                    "int8 symmetric per-output-channel weights, int8 symmetric per-tensor static activations",
+                    INT8_WEIGHT_PER_CHANNEL, INT8_SYMMETRIC_ACT),
     )
 }
 

@@ -42,9 +42,9 @@ def test_percentile_clips_a_lone_outlier():
 
 
 def test_symmetric_and_asymmetric_grids():
-    scale, zero = quant_params(-2.0, 5.0, SCHEMES["INT8_TRANSFORMER_DEFAULT"].activations)
+    scale, zero = quant_params(-2.0, 5.0, SCHEMES["INT8_SYMMETRIC_ACT"].activations)
     assert scale == pytest.approx(5.0 / 127) and zero == 0
-    scale, zero = quant_params(-2.0, 5.0, SCHEMES["UINT8_TRANSFORMER_DEFAULT"].activations)
+    scale, zero = quant_params(-2.0, 5.0, SCHEMES["INT8_TRANSFORMER_DEFAULT"].activations)
     assert scale == pytest.approx(7.0 / 255) and zero == round(2.0 / (7.0 / 255))
 
 
@@ -79,7 +79,7 @@ def test_per_tensor_scales_are_max_abs_over_127_on_a_toy_graph(tmp_path):
     model = ir.load(path)
     plan = plan_quantization(model.graph)
     assert plan.activations == {"x": ["/toy/MatMul"]}
-    InsertQDQPass(SCHEMES["INT8_TRANSFORMER_DEFAULT"], plan, {"x": observers["x"].range()})(model)
+    InsertQDQPass(SCHEMES["INT8_SYMMETRIC_ACT"], plan, {"x": observers["x"].range()})(model)
     inits = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
     assert inits["x/act_scale"] == pytest.approx(np.abs(every_x).max() / 127)
     assert inits["w_scale"] == pytest.approx(np.abs(weight).max() / 127)
