@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.graph_utils import add_initializer, constant_weight, is_initializer
+from onnxquant.graph_utils import add_initializer, constant_weight, is_initializer, nodes_by_name
 from onnxquant.schemes import QuantScheme, TensorQuant, quant_params, quantize_array
 
 QUANT_METADATA_KEY = "onnxquant.quantization"
@@ -83,7 +83,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        by_name = {node.name: node for node in graph}
+        by_name = nodes_by_name(graph)
         weight_axis = 1 if self.scheme.weights.per_channel else None
         for activation_name, reader_names in self.plan.activations.items():
             readers = [by_name[name] for name in reader_names]

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.graph_utils import add_initializer, constant_weight, initializer_array, matmul_bias, transform_initializer
+from onnxquant.graph_utils import (add_initializer, constant_weight, initializer_array, matmul_bias, nodes_by_name,
+                                   transform_initializer)
 from onnxquant.rotation_config import NORM_OPS, norm_weight_index
 
 
@@ -72,7 +73,7 @@ def smooth_targets(graph: ir.Graph, exclude: tuple[str, ...] = ()) -> list[Smoot
     """One target per activation that the quantizer will quantize (see plan_quantization)."""
     from onnxquant.passes.insert_qdq import plan_quantization
 
-    by_name = {node.name: node for node in graph}
+    by_name = nodes_by_name(graph)
     targets = []
     for activation, reader_names in plan_quantization(graph, exclude, include_embedding=False).activations.items():
         readers = [by_name[name] for name in reader_names]
@@ -110,7 +111,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        by_name = {node.name: node for node in graph}
+        by_name = nodes_by_name(graph)
         for target in self.targets:
             readers = [by_name[name] for name in target.readers]
             weights = [constant_weight(r) for r in readers]
