@@ -9,6 +9,7 @@ memory-maps it, so weights stream through one tensor at a time.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import tempfile
@@ -119,13 +120,14 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
         report.smoothed, report.smooth_muls = len(targets), smooth.inserted_muls
         checkpoint()
     if not settings.skip_quantization:
+        # The embedding gets its own int8 table; untying changes no activation, so the on-disk
+        # model still serves calibration and one plan covers both.
+        UntieEmbeddingsPass()(model)
         plan = plan_quantization(model.graph, settings.exclude)
         observers = {name: make_observer(settings.scheme.calibration) for name in plan.activations}
         run = run_calibration(current_path, token_sample_reader(current_path, folder, samples), observers)
         report.calibration_seconds += run.seconds
         ranges = {name: observer.range() for name, observer in observers.items()}
-        UntieEmbeddingsPass()(model)
-        plan = plan_quantization(model.graph, settings.exclude)
         qdq = InsertQDQPass(settings.scheme, plan, ranges)
         _run_passes(model, [qdq])
         report.quantized_nodes = qdq.quantized_nodes
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         report = quantize_model(folder, staging / output_name, settings, samples, Path(scratch))
         copy_sidecar_files(folder, staging)
         if output_name != folder.model_file.name:
-            config = dict(folder.config)
+            config = copy.deepcopy(folder.config)
             config["model"]["decoder"]["filename"] = output_name
             (staging / "genai_config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
     size_mb = sum(f.stat().st_size for f in output_dir.iterdir() if f.name.startswith(output_name)) / 1e6
