@@ -16,12 +16,42 @@ def initializer_array(value: ir.Value) -> np.ndarray:
     return value.const_value.numpy()
 
 
+def release_tensor(tensor: ir.TensorProtocol) -> None:
+    """Unmap a memory-mapped external tensor, so the file pages it touched leave the process's RSS.
+
+    It maps itself again if read later. While a numpy view of it is alive the mapping cannot
+    close; then it stays open and closes with its last view.
+    """
+    release = getattr(tensor, "release", None)
+    if release is not None:
+        try:
+            release()
+        except BufferError:
+            pass
+
+
+def read_initializer(value: ir.Value, reduce: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """`reduce(weights)` (a statistic, not a view), unmapping the weights afterwards."""
+    tensor = value.const_value
+    result = reduce(tensor.numpy())
+    release_tensor(tensor)
+    return result
+
+
+# Elements per block when a transform runs blockwise: big tensors (a 49152 x 576 embedding) are
+# transformed in float64 a slice at a time instead of holding whole float64 copies.
+BLOCK_ELEMENTS = 1 << 21
+
+
 def transform_initializer(value: ir.Value, transform: Callable[[np.ndarray], np.ndarray],
-                          dtype: ir.DataType | None = None, shape: tuple[int, ...] | None = None) -> None:
+                          dtype: ir.DataType | None = None, shape: tuple[int, ...] | None = None,
+                          blocks_along: int | None = None) -> None:
     """Replace an initializer by `transform(old)`, computed only when the tensor is read.
 
     Chained transforms stack up and run one tensor at a time when the model is saved, so a pass
     never holds more than one weight in memory. The result is cast back to the stored dtype.
+    `blocks_along`: the transform treats slices along this axis independently (and keeps the
+    shape), so it may run on blocks of them.
     """
     previous = value.const_value
     out_dtype = dtype or previous.dtype
@@ -29,7 +59,22 @@ def transform_initializer(value: ir.Value, transform: Callable[[np.ndarray], np.
     np_dtype = out_dtype.numpy()
 
     def compute() -> ir.TensorProtocol:
-        return ir.tensor(np.ascontiguousarray(transform(previous.numpy()), dtype=np_dtype), name=value.name)
+        source = previous.numpy()
+        if blocks_along is None or source.size <= BLOCK_ELEMENTS:
+            out = np.ascontiguousarray(transform(source), dtype=np_dtype)
+        else:
+            out = np.empty(source.shape, dtype=np_dtype)
+            count = source.shape[blocks_along]
+            step = max(1, BLOCK_ELEMENTS * count // source.size)
+            for start in range(0, count, step):
+                index = [slice(None)] * source.ndim
+                index[blocks_along] = slice(start, start + step)
+                out[tuple(index)] = transform(source[tuple(index)])
+        if np.may_share_memory(out, source):
+            out = out.copy()
+        del source
+        release_tensor(previous)
+        return ir.tensor(out, name=value.name)
 
     value.const_value = ir.LazyTensor(compute, dtype=out_dtype, shape=out_shape, name=value.name)
     value.dtype = out_dtype

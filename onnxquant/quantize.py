@@ -21,10 +21,11 @@ import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from onnxquant.calibration import ChannelAbsMaxObserver, make_observer, run_calibration, token_sample_reader
+from onnxquant.calibration import ChannelAbsMaxObserver, ChannelExtremaRecorder, make_observer, run_calibration, token_sample_reader
 from onnxquant.data import cut_windows, load_hub_text, read_text_file, tokenize_prefix
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import GenAIFolder, copy_sidecar_files, open_genai_folder
+from onnxquant.graph_utils import constant_weight, nodes_by_name
 from onnxquant.hadamard import rotation_matrix
 from onnxquant.passes import (FoldNormIntoReadersPass, InsertQDQPass, RotateR1Pass, SmoothQuantPass,
                               UntieEmbeddingsPass)
@@ -59,6 +60,7 @@ class QuantizeReport:
     smoothed: int = 0
     smooth_muls: int = 0
     calibration_seconds: float = 0.0
+    calibration_passes: int = 0
     seconds: float = 0.0
 
 
@@ -107,33 +109,72 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
     if settings.rotation is not None:
         _run_passes(model, _rotate(model, folder, settings.rotation))
         checkpoint()
+    ranges: dict[str, tuple[float, float]] | None = None
     if settings.sq_alpha is not None:
-        # Untying changes no activation, so the statistics can come from the model file as it is.
-        UntieEmbeddingsPass()(model)
-        targets = smooth_targets(model.graph, settings.exclude)
-        observers = {target.activation: ChannelAbsMaxObserver() for target in targets}
-        run = run_calibration(current_path, token_sample_reader(current_path, folder, samples), observers,
-                              desc="smoothquant statistics")
-        report.calibration_seconds += run.seconds
-        smooth = SmoothQuantPass(targets, {name: obs.absmax for name, obs in observers.items()}, settings.sq_alpha)
-        _run_passes(model, [smooth])
-        report.smoothed, report.smooth_muls = len(targets), smooth.inserted_muls
+        ranges = _smooth(model, current_path, folder, settings, samples, report)
         checkpoint()
     if not settings.skip_quantization:
         # The embedding gets its own int8 table; untying changes no activation, so the on-disk
         # model still serves calibration and one plan covers both.
         UntieEmbeddingsPass()(model)
         plan = plan_quantization(model.graph, settings.exclude)
-        observers = {name: make_observer(settings.scheme.calibration) for name in plan.activations}
-        run = run_calibration(current_path, token_sample_reader(current_path, folder, samples), observers)
-        report.calibration_seconds += run.seconds
-        ranges = {name: observer.range() for name, observer in observers.items()}
+        if ranges is None or set(ranges) != set(plan.activations):
+            observers = {name: make_observer(settings.scheme.calibration) for name in plan.activations}
+            run = run_calibration(current_path, token_sample_reader(current_path, folder, samples), observers)
+            report.calibration_seconds += run.seconds
+            report.calibration_passes += 1
+            ranges = {name: observer.range() for name, observer in observers.items()}
         qdq = InsertQDQPass(settings.scheme, plan, ranges)
         _run_passes(model, [qdq])
         report.quantized_nodes = qdq.quantized_nodes
     save_model(model, output_model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+# Per-sample channel extrema for one-pass SmoothQuant + QDQ calibration cost 8 bytes per channel
+# per sample; above this budget the quantizer calibrates the smoothed model a second time instead.
+ONE_PASS_BUDGET_BYTES = 512 * 1024 * 1024
+
+
+def _smooth(model: ir.Model, model_path: Path, folder: GenAIFolder, settings: QuantizeSettings,
+            samples: np.ndarray, report: QuantizeReport) -> dict[str, tuple[float, float]] | None:
+    """Fold SmoothQuant into `model` from statistics gathered through ORT on `model_path`.
+
+    When every target folds into a producer and the scheme calibrates with (moving-average)
+    MinMax, the same pass also yields the quantizer's activation ranges of the smoothed model
+    (see ChannelExtremaRecorder), returned here; otherwise None and the quantizer calibrates again.
+    """
+    # Untying changes no activation, so the statistics can come from the model file as it is.
+    UntieEmbeddingsPass()(model)
+    targets = smooth_targets(model.graph, settings.exclude)
+    plan = plan_quantization(model.graph, settings.exclude)
+    channels = _channel_count(model.graph, plan)
+    one_pass = (not settings.skip_quantization and settings.scheme.calibration.method == "minmax"
+                and all(target.kind != "mul" for target in targets)
+                and 8 * channels * len(samples) <= ONE_PASS_BUDGET_BYTES)
+    if one_pass:
+        observers = {name: ChannelExtremaRecorder() for name in plan.activations}
+    else:
+        observers = {target.activation: ChannelAbsMaxObserver() for target in targets}
+    run = run_calibration(model_path, token_sample_reader(model_path, folder, samples), observers,
+                          desc="calibration (smoothquant" + (" + ranges)" if one_pass else ")"))
+    report.calibration_seconds += run.seconds
+    report.calibration_passes += 1
+    smooth = SmoothQuantPass(targets, {t.activation: observers[t.activation].absmax for t in targets},
+                             settings.sq_alpha)
+    _run_passes(model, [smooth])
+    report.smoothed, report.smooth_muls = len(targets), smooth.inserted_muls
+    if not one_pass:
+        return None
+    return {name: recorder.replay(make_observer(settings.scheme.calibration), smooth.divisors.get(name)).range()
+            for name, recorder in observers.items()}
+
+
+def _channel_count(graph: ir.Graph, plan) -> int:
+    """Total width of the planned activations: each is its readers' weight row count."""
+    by_name = nodes_by_name(graph)
+    return sum(constant_weight(by_name[readers[0]]).shape[0] for readers in plan.activations.values())
 
 
 def calibration_samples(folder: GenAIFolder, args) -> np.ndarray:
@@ -183,13 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_random_had", action="store_true", help="multiply the Hadamard by a seeded random ±1 diagonal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--include_sq", action="store_true", help="apply SmoothQuant, folded into the graph")
-    parser.add_argument("--sq_alpha", type=float, default=None, help="SmoothQuant migration strength in (0, 1)")
+    parser.add_argument("--sq_alpha", type=float, default=None, help="SmoothQuant migration strength in (0, 1) (default: the scheme's)")
     parser.add_argument("--skip_quantization", action="store_true", help="run only the graph passes; write a float model")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     return parser
 
-
-DEFAULT_SQ_ALPHA = 0.5
 
 
 def settings_from_args(args) -> QuantizeSettings:
@@ -205,7 +244,7 @@ def settings_from_args(args) -> QuantizeSettings:
                                     args.use_random_had, args.seed)
     sq_alpha = None
     if args.include_sq:
-        sq_alpha = DEFAULT_SQ_ALPHA if args.sq_alpha is None else args.sq_alpha
+        sq_alpha = scheme.sq_alpha if args.sq_alpha is None else args.sq_alpha
         if not 0.0 < sq_alpha < 1.0:
             fail(f"--sq_alpha must be between 0 and 1 (exclusive), got {sq_alpha}")
     return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, tuple(args.exclude))
@@ -249,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         extras = f" smoothed={report.smoothed} sq_alpha={settings.sq_alpha} sq_inserted_muls={report.smooth_muls}"
     if settings.rotation is not None:
         extras += " rotation=R1"
+    if settings.sq_alpha is not None and report.calibration_passes:
+        extras += f" calibration_passes={report.calibration_passes}"
     config_name = "none(float)" if settings.skip_quantization else settings.scheme.name
     print(f"quantized={report.quantized_nodes} nodes config={config_name} seconds={report.seconds:.1f} "
           f"peak_rss_mb={peak_rss_mb:.0f} size_mb={size_mb:.1f}{extras}")

@@ -56,6 +56,7 @@ class QuantScheme:
     weights: TensorQuant
     activations: TensorQuant
     calibration: Calibration = Calibration()
+    sq_alpha: float = 0.5  # SmoothQuant migration strength when --include_sq is given without --sq_alpha
 
     def with_calibration(self, **changes) -> "QuantScheme":
         return dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, **changes))
@@ -111,5 +112,5 @@ def quant_params(rmin: np.ndarray | float, rmax: np.ndarray | float, spec: Tenso
 
 def quantize_array(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: TensorQuant) -> np.ndarray:
     """Round-to-nearest-even and saturate, as ONNX QuantizeLinear does."""
-    q = np.rint(x / scale) + zero_point.astype(np.float64)
+    q = np.rint(x / scale) + np.asarray(zero_point, dtype=np.float32)  # integers below 2**24: exact
     return np.clip(q, spec.qmin, spec.qmax).astype(spec.numpy_dtype)

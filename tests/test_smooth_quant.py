@@ -45,3 +45,28 @@ def test_smoothquant_without_calibration_data(tiny_models, tmp_path):
                         "--output_model_path", str(tmp_path / "o"), "--skip_quantization", "--include_sq",
                         "--calib_data", str(tmp_path / "missing.txt"))
     assert_user_error(result, "missing.txt does not exist")
+
+
+def _activation_scales(folder):
+    import onnx_ir as ir
+
+    model = ir.load(folder / "model.onnx")
+    return {v.name: float(v.const_value.numpy()) for v in model.graph.initializers.values()
+            if v.name.endswith("/act_scale")}
+
+
+def test_one_pass_smoothquant_ranges_equal_a_second_calibration(tiny_models, tmp_path, calib_text_path, monkeypatch):
+    """The quantizer's ranges derived from per-sample channel extrema equal those a second ORT
+    pass over the smoothed model observes (moving average, so the sample order matters too)."""
+    import onnxquant.quantize as quantize
+
+    source = tiny_models.onnx("tiny-llama-96")
+    flags = ["--input_model_path", str(source), "--calib_data", str(calib_text_path), "--num_calib_data", "6",
+             "--seq_len", "128", "--use_moving_average", "--moving_average_constant", "0.3", "--include_sq"]
+    assert quantize.main([*flags, "--output_model_path", str(tmp_path / "one")]) == 0
+    monkeypatch.setattr(quantize, "ONE_PASS_BUDGET_BYTES", 0)
+    assert quantize.main([*flags, "--output_model_path", str(tmp_path / "two")]) == 0
+    one, two = _activation_scales(tmp_path / "one"), _activation_scales(tmp_path / "two")
+    assert len(one) >= 5 and one.keys() == two.keys()
+    for name in one:
+        assert one[name] == pytest.approx(two[name], rel=1e-4), name

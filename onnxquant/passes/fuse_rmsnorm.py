@@ -32,7 +32,8 @@ class FoldNormIntoReadersPass(ir.passes.InPlacePass):
                 reader_weight = constant_weight(reader)
                 if reader.op_type != "MatMul" or reader_weight is None:
                     raise ValueError(f"{reader.name} is not a MatMul with a constant weight")
-                transform_initializer(reader_weight, lambda w, g=gain: w.astype(np.float64) * g[:, None])
+                transform_initializer(reader_weight, lambda w, g=gain: w.astype(np.float64) * g[:, None],
+                                      blocks_along=1)
             transform_initializer(weight, lambda g: np.ones_like(g))
             modified = True
         return ir.passes.PassResult(model, modified=modified)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.graph_utils import add_initializer, constant_weight, is_initializer, nodes_by_name
+from onnxquant.graph_utils import (BLOCK_ELEMENTS, add_initializer, constant_weight, is_initializer, nodes_by_name,
+                                   read_initializer, release_tensor)
 from onnxquant.schemes import QuantScheme, TensorQuant, quant_params, quantize_array
 
 QUANT_METADATA_KEY = "onnxquant.quantization"
@@ -45,19 +46,28 @@ def plan_quantization(graph: ir.Graph, exclude: tuple[str, ...] = (), include_em
 
 def _quantize_weight_lazily(graph: ir.Graph, weight: ir.Value, spec: TensorQuant, axis: int | None):
     """Lazily quantized int8 copy of `weight` with its scale; axis None = per tensor."""
-    array = weight.const_value.numpy()
-    if axis is None:
-        amax = np.abs(array).max()
-    else:
-        reduce_axes = tuple(a for a in range(array.ndim) if a != axis)
-        amax = np.abs(array).max(axis=reduce_axes)
-    scale, zero_point = quant_params(-amax, amax, spec)
     source = weight.const_value
-    quantized = add_initializer(
-        graph, f"{weight.name}_quantized",
-        lambda: quantize_array(source.numpy(), scale if axis is None else np.expand_dims(scale, reduce_axes),
-                               zero_point if axis is None else np.expand_dims(zero_point, reduce_axes), spec),
-        dtype=ir.DataType.INT8 if spec.signed else ir.DataType.UINT8, shape=tuple(source.shape))
+    reduce_axes = tuple(a for a in range(len(source.shape)) if a != axis) if axis is not None else None
+    amax = read_initializer(weight, lambda a: np.abs(a).max(axis=reduce_axes))
+    scale, zero_point = quant_params(-amax, amax, spec)
+    grid_scale = scale if axis is None else np.expand_dims(scale, reduce_axes)
+    grid_zero = zero_point if axis is None else np.expand_dims(zero_point, reduce_axes)
+
+    def compute() -> np.ndarray:
+        array = source.numpy()
+        out = np.empty(array.shape, dtype=spec.numpy_dtype)
+        step = max(1, BLOCK_ELEMENTS // max(1, array[0].size))  # rows at a time: bounded temporaries
+        for start in range(0, array.shape[0], step):
+            rows = slice(start, start + step)
+            block_scale = grid_scale[rows] if np.ndim(grid_scale) and grid_scale.shape[0] > 1 else grid_scale
+            block_zero = grid_zero[rows] if np.ndim(grid_zero) and grid_zero.shape[0] > 1 else grid_zero
+            out[rows] = quantize_array(array[rows], block_scale, block_zero, spec)
+        del array
+        release_tensor(source)
+        return out
+
+    quantized = add_initializer(graph, f"{weight.name}_quantized", compute,
+                                dtype=ir.DataType.INT8 if spec.signed else ir.DataType.UINT8, shape=tuple(source.shape))
     return quantized, scale, zero_point
 
 

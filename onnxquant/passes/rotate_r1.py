@@ -35,13 +35,13 @@ class RotateR1Pass(ir.passes.InPlacePass):
         if node.op_type == "Gather":
             table = node.inputs[0]
             if table.name not in done:
-                transform_initializer(table, lambda e: e.astype(np.float64) @ q)
+                transform_initializer(table, lambda e: e.astype(np.float64) @ q, blocks_along=0)
                 done.add(table.name)
             return
         weight = constant_weight(node)
         if node.op_type != "MatMul" or weight is None:
             raise ValueError(f"{node.name} writes the residual stream but is not a Gather or constant MatMul")
-        transform_initializer(weight, lambda w: w.astype(np.float64) @ q)
+        transform_initializer(weight, lambda w: w.astype(np.float64) @ q, blocks_along=0)
         bias = matmul_bias(node)
         if bias is not None:
             transform_initializer(bias[1], lambda b: b.astype(np.float64) @ q)
@@ -62,7 +62,7 @@ class RotateR1Pass(ir.passes.InPlacePass):
                 if reader.name in readers_done:
                     continue
                 weight = constant_weight(reader)
-                transform_initializer(weight, lambda w: q.T @ w.astype(np.float64))
+                transform_initializer(weight, lambda w: q.T @ w.astype(np.float64), blocks_along=1)
                 readers_done.add(reader.name)
         model.metadata_props[ROTATION_METADATA_KEY] = json.dumps(self.description)
         return ir.passes.PassResult(model, modified=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.graph_utils import (add_initializer, constant_weight, initializer_array, matmul_bias, nodes_by_name,
+from onnxquant.graph_utils import (add_initializer, constant_weight, matmul_bias, nodes_by_name, read_initializer,
                                    transform_initializer)
 from onnxquant.rotation_config import NORM_OPS, norm_weight_index
 
@@ -108,6 +108,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self.act_absmax = act_absmax
         self.alpha = alpha
         self.inserted_muls = 0
+        self.divisors: dict[str, np.ndarray] = {}  # activation name -> per-channel s it was divided by
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -115,7 +116,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         for target in self.targets:
             readers = [by_name[name] for name in target.readers]
             weights = [constant_weight(r) for r in readers]
-            w_absmax = np.max([np.abs(initializer_array(w)).max(axis=1) for w in weights], axis=0)
+            w_absmax = np.max([read_initializer(w, lambda a: np.abs(a).max(axis=1)) for w in weights], axis=0)
             x_absmax = self.act_absmax[target.activation]
             if target.kind == "v":
                 x_grouped = x_absmax.reshape(-1, target.kv_groups, target.head_size).max(axis=1)
@@ -132,8 +133,9 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                     self._fold_into_columns(by_name[target.producer], scales, slice(None))
                 else:
                     self._insert_mul(graph, readers, scales)
+            self.divisors[target.activation] = scales
             for weight in weights:
-                transform_initializer(weight, lambda w, s=scales: w.astype(np.float64) * s[:, None])
+                transform_initializer(weight, lambda w, s=scales: w.astype(np.float64) * s[:, None], blocks_along=1)
         return ir.passes.PassResult(model, modified=bool(self.targets))
 
     @staticmethod
@@ -143,7 +145,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             w[..., c] /= s
             return w
 
-        transform_initializer(constant_weight(linear), divide)
+        transform_initializer(constant_weight(linear), divide, blocks_along=0)
         bias = matmul_bias(linear)
         if bias is not None:
             transform_initializer(bias[1], divide)

@@ -1,0 +1,358 @@
+"""Accuracy / speed / memory of every quantization recipe, measured in one run on this machine.
+
+    python tools/benchmark.py [--model FOLDER] --calib_data ../shared/data/wikitext-2/wiki.valid.tokens \
+        --eval_data ../shared/data/wikitext-2/wiki.test.raw [--blocks 16] [--configs NAME ...] \
+        [--sweep NAME ...] [--sq_alphas 0.3 0.4 0.5 0.6 0.7 0.8] [--out results.md] [--plot results.png]
+
+Without --model the embedded SmolLM2-135M is exported first (into --workdir). For every recipe it runs
+`python -m onnxquant.quantize` and `python -m onnxquant.validate` as child processes and measures:
+
+- ppl: validate perplexity over the first --blocks blocks x --block_size of the eval text (ORT-GenAI);
+- delta_pct: change against the float model's perplexity in the same run;
+- quant_s: wall seconds of the quantize child; peak_rss_mb: its peak resident set (os.wait4);
+- quant_vs_floor: quant_s / the calibration floor, the seconds of one plain ORT forward pass of the
+  float model over the same calibration tokens (session creation excluded), measured first;
+- size_mb: model.onnx + external data on disk;
+- prefill_ms: one --prefill_tokens sequence from an empty KV cache in plain ORT, median of 5 after a warm-up;
+- decode_tok_s: --new_tokens greedy tokens through ORT-GenAI after a 128-token prompt.
+
+--sweep repeats recipes that use SmoothQuant at each --sq_alphas value and prints a second table.
+Nothing is read from an earlier run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onnxquant.data import cut_windows, read_text_file, tokenize, tokenize_prefix
+from onnxquant.genai_folder import GenAIFolder, open_genai_folder
+from onnxquant.runtime import input_specs, make_session, prefill_feeds, usable_cores
+from onnxquant.schemes import SCHEMES
+
+COLUMNS = ("config", "ppl", "delta_pct", "quant_s", "quant_vs_floor", "peak_rss_mb", "size_mb", "prefill_ms", "decode_tok_s")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    meaning: str
+    flags: tuple[str, ...] | None  # None: the float model itself
+
+    @property
+    def uses_sq(self) -> bool:
+        return self.flags is not None and "--include_sq" in self.flags
+
+
+def _q(scheme: str, *extra: str) -> tuple[str, ...]:
+    return ("--config", scheme, "--use_moving_average", *extra)
+
+
+R1, SQ = "--include_rotation", "--include_sq"
+RECIPES = {r.name: r for r in (
+    Recipe("float", "the exported float32 model", None),
+    Recipe("int8", "INT8_TRANSFORMER_DEFAULT, moving-average MinMax", _q("INT8_TRANSFORMER_DEFAULT")),
+    Recipe("int8+r1", "INT8_TRANSFORMER_DEFAULT + QuaRot R1 rotation", _q("INT8_TRANSFORMER_DEFAULT", R1)),
+    Recipe("int8+sq", "INT8_TRANSFORMER_DEFAULT + SmoothQuant", _q("INT8_TRANSFORMER_DEFAULT", SQ)),
+    Recipe("int8+r1+sq", "INT8_TRANSFORMER_DEFAULT + R1 + SmoothQuant", _q("INT8_TRANSFORMER_DEFAULT", R1, SQ)),
+    Recipe("int8_pc", "INT8_PER_CHANNEL (per-output-channel weights), moving average", _q("INT8_PER_CHANNEL")),
+    Recipe("int8_pc+r1+sq", "INT8_PER_CHANNEL + R1 + SmoothQuant", _q("INT8_PER_CHANNEL", R1, SQ)),
+    Recipe("int8_symact", "INT8_SYMMETRIC_ACT (signed symmetric activations), moving average", _q("INT8_SYMMETRIC_ACT")),
+    Recipe("int8_symact_pc+r1+sq", "INT8_SYMMETRIC_ACT_PER_CHANNEL + R1 + SmoothQuant",
+           _q("INT8_SYMMETRIC_ACT_PER_CHANNEL", R1, SQ)),
+)}
+
+
+def default_alpha(name: str) -> float:
+    flags = RECIPES[name].flags
+    return SCHEMES[flags[flags.index("--config") + 1]].sq_alpha
+
+
+@dataclass
+class Row:
+    config: str
+    ppl: float
+    delta_pct: float = 0.0
+    quant_s: float | None = None
+    quant_vs_floor: float | None = None
+    peak_rss_mb: float | None = None
+    size_mb: float = 0.0
+    prefill_ms: float = 0.0
+    decode_tok_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def cells(self) -> list[str]:
+        def fmt(value, spec):
+            return "–" if value is None else format(value, spec)
+
+        return [self.config, f"{self.ppl:.4f}", f"{self.delta_pct:+.2f}", fmt(self.quant_s, ".1f"),
+                fmt(self.quant_vs_floor, ".2f"), fmt(self.peak_rss_mb, ".0f"), f"{self.size_mb:.1f}",
+                f"{self.prefill_ms:.0f}", f"{self.decode_tok_s:.1f}"]
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_child(args: list[str], log: Path) -> tuple[float, float, str]:
+    """Run `python args...`; return (wall seconds, peak RSS MB of that child, its stdout)."""
+    start = time.perf_counter()
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=stderr, text=True)
+        stdout = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if process.returncode != 0:
+        sys.exit(f"error: `python {' '.join(args)}` failed with exit code {process.returncode}; see {log}")
+    return seconds, usage.ru_maxrss / 1024, stdout
+
+
+def model_size_mb(folder: GenAIFolder) -> float:
+    name = folder.model_file.name
+    return sum(f.stat().st_size for f in folder.path.iterdir() if f.name.startswith(name)) / 1e6
+
+
+def calibration_floor(folder: GenAIFolder, samples: np.ndarray) -> float:
+    """Seconds of one plain ORT forward pass of the whole float model over the calibration samples."""
+    session = make_session(folder.model_file)
+    specs = input_specs(session)
+    start = time.perf_counter()
+    for sample in samples:
+        session.run(["logits"], prefill_feeds(specs, folder, sample.reshape(1, -1)))
+    return time.perf_counter() - start
+
+
+def prefill_ms(folder: GenAIFolder, ids: np.ndarray, repeats: int = 5) -> float:
+    session = make_session(folder.model_file)
+    feeds = prefill_feeds(input_specs(session), folder, ids.reshape(1, -1))
+    session.run(["logits"], feeds)  # warm-up: first-run allocations
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(["logits"], feeds)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens: int) -> float:
+    """Greedy decode of `new_tokens` through ORT-GenAI after the prompt (prompt time excluded)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder.path))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": usable_cores()}}}}))
+    model = og.Model(config)
+    total = len(prompt) + new_tokens
+    params = og.GeneratorParams(model)
+    # min_length keeps EOS from ending the run early, so every run decodes the same count.
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.reshape(1, -1).astype(np.int32))
+    generated = 0
+    start = time.perf_counter()
+    while not generator.is_done() and generated < new_tokens:
+        generator.generate_next_token()
+        generated += 1
+    seconds = time.perf_counter() - start
+    return generated / seconds
+
+
+def perplexity(folder_path: Path, args, blocks: int, log: Path) -> float:
+    _, _, stdout = run_child(["-m", "onnxquant.validate", "--model_name_or_path", str(folder_path),
+                              "--block_size", str(args.block_size), "--max_blocks", str(blocks),
+                              "--dataset_path", str(args.eval_data)], log)
+    match = re.search(r"perplexity=([0-9.eE+-]+|inf|nan)", stdout)
+    if match is None:
+        sys.exit(f"error: validate printed no perplexity for {folder_path}; see {log}")
+    return float(match.group(1))
+
+
+class Bench:
+    def __init__(self, args, float_folder: GenAIFolder):
+        self.args = args
+        self.float_folder = float_folder
+        ids = tokenize_prefix(float_folder.path, read_text_file(args.calib_data), args.num_calib_data * args.seq_len)
+        self.samples = cut_windows(ids, args.seq_len, args.num_calib_data, "calibration text")
+        eval_ids = tokenize(float_folder.path, read_text_file(args.eval_data))
+        self.prefill_ids = eval_ids[: args.prefill_tokens]
+        self.prompt = eval_ids[: 128]
+        self.floor_s = calibration_floor(float_folder, self.samples)
+        print(f"calibration floor: {self.floor_s:.1f} s for {args.num_calib_data} x {args.seq_len} tokens "
+              "(one plain ORT forward pass of the float model)", flush=True)
+        self.float_ppl: float | None = None
+
+    def speed(self, folder: GenAIFolder, row: Row) -> None:
+        row.size_mb = model_size_mb(folder)
+        row.prefill_ms = prefill_ms(folder, self.prefill_ids)
+        row.decode_tok_s = decode_tokens_per_second(folder, self.prompt, self.args.new_tokens)
+
+    def measure_float(self, blocks: int) -> Row:
+        ppl = perplexity(self.float_folder.path, self.args, blocks, self.args.workdir / "float.validate.log")
+        self.float_ppl = ppl
+        row = Row("float", ppl)
+        self.speed(self.float_folder, row)
+        return row
+
+    def measure(self, label: str, flags: tuple[str, ...], blocks: int) -> Row:
+        out = self.args.workdir / label.replace("+", "_")
+        quant_s, rss_mb, stdout = run_child(
+            ["-m", "onnxquant.quantize", "--input_model_path", str(self.float_folder.model_file),
+             "--output_model_path", str(out / "model.onnx"), "--num_calib_data", str(self.args.num_calib_data),
+             "--seq_len", str(self.args.seq_len), "--calib_data", str(self.args.calib_data), "--overwrite", *flags],
+            self.args.workdir / f"{out.name}.quantize.log")
+        folder = open_genai_folder(out)
+        ppl = perplexity(out, self.args, blocks, self.args.workdir / f"{out.name}.validate.log")
+        row = Row(label, ppl, 100 * (ppl / self.float_ppl - 1), quant_s, quant_s / self.floor_s, rss_mb)
+        row.extra["summary"] = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+        self.speed(folder, row)
+        return row
+
+
+def export_default(workdir: Path) -> Path:
+    target = workdir / "float"
+    if not (target / "genai_config.json").is_file():
+        seconds, rss, _ = run_child(["-m", "onnxquant.export", "--output_path", str(target), "--overwrite"],
+                                    workdir / "export.log")
+        print(f"exported the embedded SmolLM2-135M in {seconds:.1f} s (peak RSS {rss:.0f} MB)", flush=True)
+    return target
+
+
+def write_plot(rows: list[Row], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plot]'); no plot written")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        ax.scatter(row.size_mb, row.ppl, color="tab:gray" if row.config == "float" else "tab:blue")
+        ax.annotate(row.config, (row.size_mb, row.ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("model size on disk (MB)")
+    ax.set_ylabel("wikitext-2 perplexity (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="float ORT-GenAI folder (default: export the embedded SmolLM2)")
+    parser.add_argument("--calib_data", type=Path, required=True)
+    parser.add_argument("--eval_data", type=Path, required=True)
+    parser.add_argument("--blocks", type=int, default=16, help="evaluation blocks per config")
+    parser.add_argument("--block_size", type=int, default=2048)
+    parser.add_argument("--configs", nargs="+", default=list(RECIPES), choices=list(RECIPES), metavar="NAME",
+                        help=f"recipes to run (default all): {', '.join(RECIPES)}")
+    parser.add_argument("--sweep", nargs="*", default=["int8+r1+sq", "int8_pc+r1+sq"], metavar="NAME",
+                        help="SmoothQuant recipes to repeat at each --sq_alphas value")
+    parser.add_argument("--sq_alphas", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--sweep_blocks", type=int, default=None, help="evaluation blocks in the sweep (default --blocks)")
+    parser.add_argument("--num_calib_data", type=int, default=64)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--prefill_tokens", type=int, default=512)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--workdir", type=Path, default=Path("runs/benchmark"))
+    parser.add_argument("--out", type=Path, default=None, help="write the tables (markdown) here")
+    parser.add_argument("--plot", type=Path, default=None, help="perplexity vs size PNG (default: --out with .png)")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    for name in args.sweep:
+        if name not in RECIPES or not RECIPES[name].uses_sq:
+            sys.exit(f"error: --sweep {name!r} is not a SmoothQuant recipe; choose from "
+                     f"{', '.join(n for n, r in RECIPES.items() if r.uses_sq)}")
+    for path in (args.calib_data, args.eval_data):
+        if not path.is_file():
+            sys.exit(f"error: {path} does not exist; pass the wikitext-2 files, e.g. ../shared/data/wikitext-2/")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    float_folder = open_genai_folder(args.model or export_default(args.workdir))
+    bench = Bench(args, float_folder)
+
+    rows = [bench.measure_float(args.blocks)]
+    print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    for name in args.configs:
+        if name == "float":
+            continue
+        rows.append(bench.measure(name, RECIPES[name].flags, args.blocks))
+        print(markdown_table(rows[-1:]).splitlines()[-1], rows[-1].extra["summary"], flush=True)
+
+    sweep_rows: list[Row] = []
+    sweep_blocks = args.sweep_blocks or args.blocks
+    if args.sweep:
+        if sweep_blocks != args.blocks:
+            bench.measure_float(sweep_blocks)
+            sweep_rows.append(Row("float", bench.float_ppl))
+            bench.speed(float_folder, sweep_rows[-1])
+        measured = {row.config: row for row in rows}
+        for name in args.sweep:
+            for alpha in args.sq_alphas:
+                label = f"{name}@{alpha:g}"
+                if alpha == default_alpha(name) and name in measured and sweep_blocks == args.blocks:
+                    # The recipe ran at this alpha above, in this run: the same measurement.
+                    sweep_rows.append(dataclasses.replace(measured[name], config=label))
+                else:
+                    sweep_rows.append(bench.measure(label, RECIPES[name].flags + ("--sq_alpha", str(alpha)), sweep_blocks))
+                print(markdown_table(sweep_rows[-1:]).splitlines()[-1], flush=True)
+
+    machine = f"{usable_cores()} CPU cores ({cpu_name()}), {platform.system()} {platform.machine()}"
+    command = "python tools/benchmark.py " + " ".join(sys.argv[1:])
+    heading = (f"Model: {float_folder.path} ({float_folder.config['model']['type']}, hidden {float_folder.hidden_size}, "
+               f"{float_folder.num_layers} layers). Machine: {machine}.\n"
+               f"Calibration: {args.num_calib_data} x {args.seq_len} tokens of {args.calib_data.name}; "
+               f"calibration floor {bench.floor_s:.1f} s. Evaluation: first {args.blocks} blocks x {args.block_size} "
+               f"of {args.eval_data.name}.\nCommand: `{command}`")
+    def meaning(name: str) -> str:
+        extra = f" (alpha {default_alpha(name):g}, the scheme's default)" if RECIPES[name].uses_sq else ""
+        return RECIPES[name].meaning + extra
+
+    text = heading + "\n\n" + markdown_table(rows) + "\n\nRecipes:\n" + "\n".join(
+        f"- `{name}`: {meaning(name)}" for name in args.configs)
+    if sweep_rows:
+        text += (f"\n\nSmoothQuant alpha sweep (first {sweep_blocks} blocks; `recipe@alpha`):\n\n" + markdown_table(sweep_rows))
+    print()
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n", encoding="utf-8")
+        print(f"tables written to {args.out}")
+        plot = args.plot or args.out.with_suffix(".png")
+        write_plot(rows, plot, f"{float_folder.config['model']['type']}: perplexity ({args.blocks} blocks) vs size")
+    elif args.plot:
+        write_plot(rows, args.plot, f"perplexity ({args.blocks} blocks) vs size")
+    print(f"benchmark: configs={len(rows)} sweep={len(sweep_rows)} seconds={time.perf_counter() - started:.0f}")
+
+
+if __name__ == "__main__":
+    main()
