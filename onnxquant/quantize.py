@@ -148,6 +148,9 @@ def _smooth(model: ir.Model, model_path: Path, folder: GenAIFolder, settings: Qu
     # Untying changes no activation, so the statistics can come from the model file as it is.
     UntieEmbeddingsPass()(model)
     targets = smooth_targets(model.graph, settings.exclude)
+    if not targets:
+        fail(f"--include_sq: {folder.model_file} has no MatMul with a constant weight left to smooth "
+             "(check --exclude); drop --include_sq")
     plan = plan_quantization(model.graph, settings.exclude)
     channels = _channel_count(model.graph, plan)
     one_pass = (not settings.skip_quantization and settings.scheme.calibration.method == "minmax"

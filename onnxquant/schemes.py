@@ -27,6 +27,10 @@ class TensorQuant:
     signed: bool  # int8 if True, uint8 if False
     symmetric: bool  # zero point 0 (signed) / derived from the observed range (asymmetric)
     per_channel: bool = False  # weights only: one scale per output column
+    # Weights only: choose the scale so that |q[k]| + |q[k+1]| <= 128 for every pair of adjacent
+    # input rows. ORT's u8 x s8 GEMM on AVX2 without VNNI (vpmaddubsw) adds such pairs of
+    # products in int16, which saturates above 32767 = 255 * 128.5; with the bound it cannot.
+    pair_safe: bool = False
 
     @property
     def qmin(self) -> int:
@@ -66,6 +70,10 @@ INT8_SYMMETRIC_ACT = TensorQuant(signed=True, symmetric=True)
 UINT8_ASYMMETRIC_ACT = TensorQuant(signed=False, symmetric=False)
 INT8_WEIGHT_PER_TENSOR = TensorQuant(signed=True, symmetric=True, per_channel=False)
 INT8_WEIGHT_PER_CHANNEL = TensorQuant(signed=True, symmetric=True, per_channel=True)
+# Per-channel weights fill [-127, 127] in every column, which makes the u8 x s8 saturation above
+# likely where uint8 activations peak: SmolLM2 INT8_PER_CHANNEL went from 20.8 to 615754 perplexity
+# through ORT's fused MatMulIntegerToFloat, while the same QDQ graph evaluated op by op was fine.
+INT8_WEIGHT_PER_CHANNEL_PAIR_SAFE = TensorQuant(signed=True, symmetric=True, per_channel=True, pair_safe=True)
 
 SCHEMES: dict[str, QuantScheme] = {
     scheme.name: scheme
@@ -74,8 +82,8 @@ SCHEMES: dict[str, QuantScheme] = {
                     "int8 symmetric per-tensor weights, uint8 asymmetric per-tensor static activations",
                     INT8_WEIGHT_PER_TENSOR, UINT8_ASYMMETRIC_ACT),
         QuantScheme("INT8_PER_CHANNEL",
-                    "int8 symmetric per-output-channel weights, uint8 asymmetric per-tensor static activations",
-                    INT8_WEIGHT_PER_CHANNEL, UINT8_ASYMMETRIC_ACT),
+                    "int8 symmetric per-output-channel weights (pair-safe grid), uint8 asymmetric per-tensor static activations",
+                    INT8_WEIGHT_PER_CHANNEL_PAIR_SAFE, UINT8_ASYMMETRIC_ACT),
         QuantScheme("INT8_SYMMETRIC_ACT",
                     "int8 symmetric per-tensor weights, int8 symmetric per-tensor static activations",
                     INT8_WEIGHT_PER_TENSOR, INT8_SYMMETRIC_ACT),

@@ -195,3 +195,22 @@ def test_exclude_that_matches_nothing(tiny_input, tmp_path, calib_text_path):
     result = _quantize("--input_model_path", tiny_input, "--output_model_path", str(tmp_path / "o"),
                        "--calib_data", str(calib_text_path), "--exclude", "no_such_node")
     assert_user_error(result, "'no_such_node' matches no node")
+
+
+def test_pair_safe_weight_grid_keeps_adjacent_pairs_within_128():
+    """INT8_PER_CHANNEL's grid: no two adjacent input rows of a column sum past 128 in |int8|,
+    so ORT's u8 x s8 AVX2 kernel (int16 pair sums) cannot saturate with uint8 activations."""
+    from onnxquant.passes.insert_qdq import weight_bound
+    from onnxquant.schemes import quantize_array
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((64, 8)).astype(np.float32)
+    weight[10:12, 3] = [5.0, -4.9]  # a large adjacent pair in column 3
+    spec = SCHEMES["INT8_PER_CHANNEL"].weights
+    assert spec.pair_safe
+    bound = weight_bound(weight, (0,), spec.pair_safe)
+    scale, zero = quant_params(-bound, bound, spec)
+    q = quantize_array(weight, scale[None, :], zero[None, :], spec).astype(np.int32)
+    pair_sums = np.abs(q[0::2]) + np.abs(q[1::2])
+    assert pair_sums.max() <= 128
+    assert np.abs(q).max(axis=0).min() >= 63  # every column still uses at least half the grid

@@ -25,6 +25,16 @@ def test_smoothed_float_model_keeps_its_logits(tiny_models, tmp_path, calib_text
     assert relative_logit_error(prefill_logits(source, ids), prefill_logits(tmp_path / "sq", ids)) < 1e-4
 
 
+def test_excluded_reader_of_a_norm_gets_an_explicit_mul(tiny_models, tmp_path, calib_text_path, test_text):
+    """gate_proj left in float still reads the norm output, so 1/s cannot go into the norm weight."""
+    source = tiny_models.onnx("tiny-llama-96")
+    result = float_pass_run(source, tmp_path / "sq", calib_text_path, "--include_sq", "--exclude", "gate_proj")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sq_inserted_muls=2" in result.stdout  # one per layer: the post-attention norm
+    ids = tokenize(source, test_text[:3000])[:256]
+    assert relative_logit_error(prefill_logits(source, ids), prefill_logits(tmp_path / "sq", ids)) < 1e-4
+
+
 def test_rotation_and_smoothquant_together_keep_smollm2_logits(smollm2_onnx, tmp_path, calib_text_path, test_text):
     result = float_pass_run(smollm2_onnx, tmp_path / "rsq", calib_text_path, "--include_rotation", "--include_sq")
     assert result.returncode == 0, result.stderr[-3000:]

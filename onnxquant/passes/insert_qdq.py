@@ -44,11 +44,23 @@ def plan_quantization(graph: ir.Graph, exclude: tuple[str, ...] = (), include_em
     return plan
 
 
+def weight_bound(weight: np.ndarray, reduce_axes: tuple[int, ...] | None, pair_safe: bool) -> np.ndarray:
+    """max |w| over `reduce_axes`; pair-safe: at least the largest |w[k]| + |w[k+1]| of adjacent
+    input rows (k even), so that scale = bound / 127 keeps every pair of int8 values within 128."""
+    magnitude = np.abs(weight)
+    bound = magnitude.max(axis=reduce_axes)
+    if pair_safe and weight.ndim == 2 and weight.shape[0] >= 2:
+        even = weight.shape[0] - weight.shape[0] % 2
+        pairs = magnitude[0:even:2] + magnitude[1:even:2]
+        bound = np.maximum(bound, pairs.max(axis=reduce_axes))
+    return bound
+
+
 def _quantize_weight_lazily(graph: ir.Graph, weight: ir.Value, spec: TensorQuant, axis: int | None):
     """Lazily quantized int8 copy of `weight` with its scale; axis None = per tensor."""
     source = weight.const_value
     reduce_axes = tuple(a for a in range(len(source.shape)) if a != axis) if axis is not None else None
-    amax = read_initializer(weight, lambda a: np.abs(a).max(axis=reduce_axes))
+    amax = read_initializer(weight, lambda a: weight_bound(a, reduce_axes, spec.pair_safe))
     scale, zero_point = quant_params(-amax, amax, spec)
     grid_scale = scale if axis is None else np.expand_dims(scale, reduce_axes)
     grid_zero = zero_point if axis is None else np.expand_dims(zero_point, reduce_axes)

@@ -48,6 +48,10 @@ def _linear_producer(value: ir.Value) -> ir.Node | None:
 def classify_target(activation: ir.Value, readers: list[ir.Node]) -> SmoothTarget:
     names = tuple(r.name for r in readers)
     producer = activation.producer()
+    if {use.node.name for use in activation.uses()} != set(names):
+        # Another node (e.g. a MatMul left out by --exclude) reads the activation too: dividing it
+        # at the producer would change that node's input, so only an explicit Mul is exact.
+        return SmoothTarget(activation.name, names, "mul")
     if producer is not None and producer.op_type in NORM_OPS and activation is producer.outputs[0]:
         return SmoothTarget(activation.name, names, "norm", producer.name)
     if producer is not None and producer.op_type == "Mul":

@@ -1,0 +1,48 @@
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxquant.graph_utils import transform_initializer
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def test_blockwise_transform_equals_whole_transform(monkeypatch):
+    import onnxquant.graph_utils as graph_utils
+
+    monkeypatch.setattr(graph_utils, "BLOCK_ELEMENTS", 64)  # force many blocks on a small tensor
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((40, 24)).astype(np.float32)
+    q = np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    whole = ir.Value(name="w", const_value=ir.tensor(weight))
+    blocks = ir.Value(name="w", const_value=ir.tensor(weight))
+    transform_initializer(whole, lambda w: q.T @ w.astype(np.float64))
+    transform_initializer(blocks, lambda w: q.T @ w.astype(np.float64), blocks_along=1)
+    np.testing.assert_array_equal(whole.const_value.numpy(), blocks.const_value.numpy())
+
+
+def test_benchmark_prints_the_table_for_every_recipe(tiny_models, tmp_path, calib_text_path, test_text_path):
+    out = tmp_path / "results.md"
+    result = subprocess.run(
+        [sys.executable, str(TOOLS / "benchmark.py"), "--model", str(tiny_models.onnx("tiny-llama-96")),
+         "--calib_data", str(calib_text_path), "--eval_data", str(test_text_path), "--blocks", "2",
+         "--block_size", "128", "--num_calib_data", "4", "--seq_len", "64", "--prefill_tokens", "64",
+         "--new_tokens", "8", "--configs", "float", "int8", "int8+r1+sq", "--sweep", "int8+r1+sq",
+         "--sq_alphas", "0.3", "0.5", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    header = "| config | ppl | delta_pct | quant_s | quant_vs_floor | peak_rss_mb | size_mb | prefill_ms | decode_tok_s |"
+    assert text.count(header) == 2  # main table and alpha sweep
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| (\S+) \| ([\d.]+) \|.*$", text, re.M)}
+    assert {"float", "int8", "int8+r1+sq", "int8+r1+sq@0.3", "int8+r1+sq@0.5"} <= rows.keys()
+    cells = [c.strip() for c in rows["int8"].strip("|").split("|")]
+    ppl, quant_s, ratio, rss, size = (float(cells[i]) for i in (1, 3, 4, 5, 6))
+    assert ppl > 1 and quant_s > 0 and ratio > 0 and rss > 0
+    assert size < float(rows["float"].split("|")[7])  # int8 weights make the file smaller
+    assert float(cells[8]) > 0  # decode tokens/s measured
