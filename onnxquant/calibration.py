@@ -11,7 +11,7 @@ memory does not grow with the number of samples.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -189,11 +189,9 @@ class ChannelExtremaRecorder:
         return observer
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibrationRun:
     seconds: float
-    samples: int
-    observers: dict[str, object] = field(default_factory=dict)
 
 
 def _reduction_outputs(graph: ir.Graph, value: ir.Value, needs: str) -> dict[str, ir.Value]:
@@ -275,9 +273,7 @@ def run_calibration(
         total = len(reader)
     except (TypeError, NotImplementedError):  # ORT's base reader declares __len__ but need not implement it
         total = None
-    samples = 0
     for feeds in tqdm(iter(reader.get_next, None), total=total, desc=desc, unit="sample"):
-        samples += 1
         results = dict(zip(output_names, session.run(output_names, feeds)))
         for name, observer in observers.items():
             if observer.needs == "raw":
@@ -285,4 +281,4 @@ def run_calibration(
             else:
                 prefix = f"{name}::"
                 observer.update({k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)})
-    return CalibrationRun(time.perf_counter() - start, samples, observers)
+    return CalibrationRun(time.perf_counter() - start)

@@ -43,6 +43,19 @@ def read_initializer(value: ir.Value, reduce: Callable[[np.ndarray], np.ndarray]
 BLOCK_ELEMENTS = 1 << 21
 
 
+def map_blocks(source: np.ndarray, fn: Callable[[np.ndarray, slice], np.ndarray], axis: int, dtype) -> np.ndarray:
+    """`fn(block, span)` over blocks of about BLOCK_ELEMENTS elements of `source` along `axis`
+    (`span` = the block's positions on that axis), written into one array of `dtype`."""
+    out = np.empty(source.shape, dtype=dtype)
+    count = source.shape[axis]
+    step = max(1, BLOCK_ELEMENTS * count // max(1, source.size))
+    for start in range(0, count, step):
+        span = slice(start, start + step)
+        index = (slice(None),) * axis + (span,)
+        out[index] = fn(source[index], span)
+    return out
+
+
 def transform_initializer(value: ir.Value, transform: Callable[[np.ndarray], np.ndarray],
                           dtype: ir.DataType | None = None, shape: tuple[int, ...] | None = None,
                           blocks_along: int | None = None) -> None:
@@ -63,13 +76,7 @@ def transform_initializer(value: ir.Value, transform: Callable[[np.ndarray], np.
         if blocks_along is None or source.size <= BLOCK_ELEMENTS:
             out = np.ascontiguousarray(transform(source), dtype=np_dtype)
         else:
-            out = np.empty(source.shape, dtype=np_dtype)
-            count = source.shape[blocks_along]
-            step = max(1, BLOCK_ELEMENTS * count // source.size)
-            for start in range(0, count, step):
-                index = [slice(None)] * source.ndim
-                index[blocks_along] = slice(start, start + step)
-                out[tuple(index)] = transform(source[tuple(index)])
+            out = map_blocks(source, lambda block, _: transform(block), blocks_along, np_dtype)
         if np.may_share_memory(out, source):
             out = out.copy()
         del source

@@ -180,13 +180,15 @@ def _channel_count(graph: ir.Graph, plan) -> int:
     return sum(constant_weight(by_name[readers[0]]).shape[0] for readers in plan.activations.values())
 
 
+def calibration_windows(folder: GenAIFolder, text: str, count: int, seq_len: int) -> np.ndarray:
+    """The first `count` consecutive windows of `seq_len` tokens of `text`, shape [count, seq_len]."""
+    ids = tokenize_prefix(folder.path, text, count * seq_len)
+    return cut_windows(ids, seq_len, count, "calibration text")
+
+
 def calibration_samples(folder: GenAIFolder, args) -> np.ndarray:
-    if args.calib_data:
-        text = read_text_file(args.calib_data)
-    else:
-        text = load_hub_text(args.dataset, "validation")
-    ids = tokenize_prefix(folder.path, text, args.num_calib_data * args.seq_len)
-    return cut_windows(ids, args.seq_len, args.num_calib_data, "calibration text")
+    text = read_text_file(args.calib_data) if args.calib_data else load_hub_text(args.dataset, "validation")
+    return calibration_windows(folder, text, args.num_calib_data, args.seq_len)
 
 
 def parse_calib_method(value: str) -> dict:

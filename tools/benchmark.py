@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxquant.data import cut_windows, read_text_file, tokenize, tokenize_prefix
+from onnxquant.data import read_text_file, tokenize
 from onnxquant.genai_folder import GenAIFolder, open_genai_folder
+from onnxquant.quantize import calibration_windows
 from onnxquant.runtime import input_specs, make_session, prefill_feeds, usable_cores
 from onnxquant.schemes import SCHEMES
 
@@ -185,8 +186,7 @@ class Bench:
     def __init__(self, args, float_folder: GenAIFolder):
         self.args = args
         self.float_folder = float_folder
-        ids = tokenize_prefix(float_folder.path, read_text_file(args.calib_data), args.num_calib_data * args.seq_len)
-        self.samples = cut_windows(ids, args.seq_len, args.num_calib_data, "calibration text")
+        self.samples = calibration_windows(float_folder, read_text_file(args.calib_data), args.num_calib_data, args.seq_len)
         eval_ids = tokenize(float_folder.path, read_text_file(args.eval_data))
         self.prefill_ids = eval_ids[: args.prefill_tokens]
         self.prompt = eval_ids[: 128]

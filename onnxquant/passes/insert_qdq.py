@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.graph_utils import (BLOCK_ELEMENTS, add_initializer, constant_weight, is_initializer, nodes_by_name,
+from onnxquant.graph_utils import (add_initializer, constant_weight, is_initializer, map_blocks, nodes_by_name,
                                    read_initializer, release_tensor)
 from onnxquant.schemes import QuantScheme, TensorQuant, quant_params, quantize_array
 
@@ -65,15 +65,14 @@ def _quantize_weight_lazily(graph: ir.Graph, weight: ir.Value, spec: TensorQuant
     grid_scale = scale if axis is None else np.expand_dims(scale, reduce_axes)
     grid_zero = zero_point if axis is None else np.expand_dims(zero_point, reduce_axes)
 
+    def rows_of(grid: np.ndarray, rows: slice) -> np.ndarray:
+        return grid[rows] if np.ndim(grid) and grid.shape[0] > 1 else grid  # per-row grids follow the block
+
     def compute() -> np.ndarray:
         array = source.numpy()
-        out = np.empty(array.shape, dtype=spec.numpy_dtype)
-        step = max(1, BLOCK_ELEMENTS // max(1, array[0].size))  # rows at a time: bounded temporaries
-        for start in range(0, array.shape[0], step):
-            rows = slice(start, start + step)
-            block_scale = grid_scale[rows] if np.ndim(grid_scale) and grid_scale.shape[0] > 1 else grid_scale
-            block_zero = grid_zero[rows] if np.ndim(grid_zero) and grid_zero.shape[0] > 1 else grid_zero
-            out[rows] = quantize_array(array[rows], block_scale, block_zero, spec)
+        out = map_blocks(array, lambda block, rows: quantize_array(block, rows_of(grid_scale, rows),
+                                                                   rows_of(grid_zero, rows), spec),
+                         0, spec.numpy_dtype)
         del array
         release_tensor(source)
         return out
