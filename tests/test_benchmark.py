@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import pytest
 
 from onnxquant.graph_utils import transform_initializer
 

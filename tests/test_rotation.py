@@ -1,6 +1,5 @@
 import json
 import shutil
-import warnings
 
 import numpy as np
 import pytest
