@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxquant.data import read_text_file, tokenize
+from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import GenAIFolder, open_genai_folder
 from onnxquant.quantize import calibration_windows
 from onnxquant.runtime import input_specs, make_session, prefill_feeds, usable_cores
@@ -286,15 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     for name in args.sweep:
         if name not in RECIPES or not RECIPES[name].uses_sq:
-            sys.exit(f"error: --sweep {name!r} is not a SmoothQuant recipe; choose from "
-                     f"{', '.join(n for n, r in RECIPES.items() if r.uses_sq)}")
+            fail(f"--sweep {name!r} is not a SmoothQuant recipe; choose from "
+                 f"{', '.join(n for n, r in RECIPES.items() if r.uses_sq)}")
     for path in (args.calib_data, args.eval_data):
         if not path.is_file():
-            sys.exit(f"error: {path} does not exist; pass the wikitext-2 files, e.g. ../shared/data/wikitext-2/")
+            fail(f"{path} does not exist; pass the wikitext-2 files, e.g. ../shared/data/wikitext-2/")
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     float_folder = open_genai_folder(args.model or export_default(args.workdir))
@@ -355,4 +356,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
