@@ -1,19 +1,19 @@
 """Calibration through ONNX Runtime, streaming one sample at a time.
 
-The model is run from disk with ORT. Before it runs, the graph is cut down to what the observed
-tensors need: its outputs are replaced by reductions of those tensors (ReduceMin/ReduceMax per
-tensor, or per channel), and every node that feeds none of them is removed, so the logits and
-everything else after the last observed tensor never run, and each sample returns a few numbers
-per tensor instead of whole activations. Observers fold each sample into running statistics, so
-memory does not grow with the number of samples.
+Each observer declares the in-graph reductions it needs of the tensor it watches (`reductions`)
+and folds each sample's results into its own statistics (`update`). Before the model runs, its
+outputs are replaced by those reductions and every node that feeds none of them is removed, so
+the logits and everything after the last observed tensor never run, and each sample returns a few
+numbers (or a K x K Hessian) per tensor instead of whole activations. Memory does not grow with
+the number of samples, except for the per-sample recorders that say so.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -45,43 +45,70 @@ class TokenSampleReader(CalibrationDataReader):
         return prefill_feeds(self.specs, self.folder, sample)
 
 
-class RangeObserver(Protocol):
-    def update(self, sample: dict[str, np.ndarray]) -> None: ...
-    def range(self) -> tuple[float, float]: ...
+def _node(graph: ir.Graph, op: str, inputs: list[ir.Value], name: str, **attributes) -> ir.Value:
+    node = ir.node(op, inputs, attributes=attributes, name=name)
+    graph.append(node)
+    node.outputs[0].name = name
+    return node.outputs[0]
 
 
-class MinMaxObserver:
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array))
+    value.type, value.shape = ir.TensorType(ir.DataType.from_numpy(array.dtype)), ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
+
+
+def _leading_axes(graph: ir.Graph, value: ir.Value, tag: str) -> ir.Value:
+    """All axes but the last (the channel axis) of `value`."""
+    rank = len(value.shape) if value.shape is not None else 3
+    return _constant(graph, f"{tag}/axes", np.arange(rank - 1, dtype=np.int64))
+
+
+class Observer:
+    """Watches one tensor: declares in-graph reductions, consumes their per-sample results."""
+
+    def reductions(self, graph: ir.Graph, value: ir.Value, tag: str) -> dict[str, ir.Value]:
+        raise NotImplementedError
+
+    def update(self, stats: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+
+class _TensorMinMax(Observer):
+    def reductions(self, graph, value, tag):
+        return {"min": _node(graph, "ReduceMin", [value], f"{tag}/min", keepdims=0),
+                "max": _node(graph, "ReduceMax", [value], f"{tag}/max", keepdims=0)}
+
+
+class MinMaxObserver(_TensorMinMax):
     """Smallest minimum and largest maximum over all samples."""
-
-    needs = "minmax"
 
     def __init__(self) -> None:
         self.min = math.inf
         self.max = -math.inf
 
-    def update(self, sample: dict[str, np.ndarray]) -> None:
-        self.min = min(self.min, float(sample["min"]))
-        self.max = max(self.max, float(sample["max"]))
+    def update(self, stats) -> None:
+        self.min = min(self.min, float(stats["min"]))
+        self.max = max(self.max, float(stats["max"]))
 
     def range(self) -> tuple[float, float]:
         return self.min, self.max
 
 
-class MovingAverageMinMaxObserver:
+class MovingAverageMinMaxObserver(_TensorMinMax):
     """Exponential moving average of each sample's min and max: m <- m + c * (sample - m).
 
     The first sample initialises the averages (as in AMD Quark and PyTorch's observer).
     """
-
-    needs = "minmax"
 
     def __init__(self, averaging_constant: float) -> None:
         self.constant = averaging_constant
         self.min: float | None = None
         self.max: float | None = None
 
-    def update(self, sample: dict[str, np.ndarray]) -> None:
-        smin, smax = float(sample["min"]), float(sample["max"])
+    def update(self, stats) -> None:
+        smin, smax = float(stats["min"]), float(stats["max"])
         if self.min is None:
             self.min, self.max = smin, smax
         else:
@@ -92,10 +119,9 @@ class MovingAverageMinMaxObserver:
         return self.min, self.max
 
 
-class PercentileObserver:
-    """Clip the range at a percentile of |x|, from a histogram that widens as larger values arrive."""
-
-    needs = "raw"
+class PercentileObserver(Observer):
+    """Clip the range at a percentile of |x|, from a histogram that widens as larger values arrive.
+    Needs the whole tensor of each sample (one activation at a time, never stored)."""
 
     def __init__(self, percentile: float, bins: int = 4096) -> None:
         self.percentile = percentile
@@ -104,6 +130,9 @@ class PercentileObserver:
         self.top = 0.0
         self.min = math.inf
         self.max = -math.inf
+
+    def reductions(self, graph, value, tag):
+        return {"values": _node(graph, "Identity", [value], f"{tag}/values")}
 
     def _widen(self, top: float) -> None:
         new_top = max(top, self.top * 2, 1e-12)
@@ -116,8 +145,8 @@ class PercentileObserver:
             self.hist = widened
         self.top = new_top
 
-    def update(self, sample: dict[str, np.ndarray]) -> None:
-        x = sample["raw"]
+    def update(self, stats) -> None:
+        x = stats["values"]
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
         magnitude = np.abs(x).ravel()
@@ -134,7 +163,7 @@ class PercentileObserver:
         return max(self.min, -threshold), min(self.max, threshold)
 
 
-def make_observer(calibration: Calibration) -> RangeObserver:
+def make_range_observer(calibration: Calibration) -> Observer:
     if calibration.method == "percentile":
         return PercentileObserver(calibration.percentile)
     if calibration.moving_average:
@@ -142,20 +171,72 @@ def make_observer(calibration: Calibration) -> RangeObserver:
     return MinMaxObserver()
 
 
-class ChannelAbsMaxObserver:
+class ChannelAbsMaxObserver(Observer):
     """Largest |x| of each channel (last axis) over all samples, for SmoothQuant."""
-
-    needs = "absmax"
 
     def __init__(self) -> None:
         self.absmax: np.ndarray | None = None
 
-    def update(self, sample: dict[str, np.ndarray]) -> None:
-        value = sample["absmax"]
+    def reductions(self, graph, value, tag):
+        magnitude = _node(graph, "Abs", [value], f"{tag}/abs")
+        return {"absmax": _node(graph, "ReduceMax", [magnitude, _leading_axes(graph, value, tag)], f"{tag}/absmax", keepdims=0)}
+
+    def update(self, stats) -> None:
+        value = stats["absmax"]
         self.absmax = value.copy() if self.absmax is None else np.maximum(self.absmax, value)
 
 
-class ChannelExtremaRecorder:
+class ChannelMeanAbsObserver(Observer):
+    """Mean |x| of each channel over all tokens of all samples (AWQ's activation statistic)."""
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.samples = 0
+
+    def reductions(self, graph, value, tag):
+        magnitude = _node(graph, "Abs", [value], f"{tag}/abs")
+        return {"meanabs": _node(graph, "ReduceMean", [magnitude, _leading_axes(graph, value, tag)], f"{tag}/meanabs", keepdims=0)}
+
+    def update(self, stats) -> None:
+        value = stats["meanabs"].astype(np.float64)
+        self.total = value if self.total is None else self.total + value
+        self.samples += 1
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.samples, 1)
+
+
+class HessianObserver(Observer):
+    """H = sum over tokens of x xᵀ (GPTQ's Hessian up to a factor; AWQ's output-error metric).
+
+    The product runs in the graph (MatMul of the flattened activation's transpose with itself), so
+    no activation leaves ORT; sums are kept in float32 (ORT computes each sample's product in
+    float32 anyway), K x K x 4 bytes per watched tensor.
+    """
+
+    def __init__(self) -> None:
+        self.sum: np.ndarray | None = None
+        self.tokens = 0
+
+    def reductions(self, graph, value, tag):
+        width = value.shape[-1] if value.shape is not None and isinstance(value.shape[-1], int) else -1
+        rows = _node(graph, "Reshape", [value, _constant(graph, f"{tag}/shape", np.array([-1, width], dtype=np.int64))],
+                     f"{tag}/rows")
+        columns = _node(graph, "Transpose", [rows], f"{tag}/columns", perm=[1, 0])
+        count = _node(graph, "Shape", [rows], f"{tag}/count", start=0, end=1)
+        return {"xtx": _node(graph, "MatMul", [columns, rows], f"{tag}/xtx"), "count": count}
+
+    def update(self, stats) -> None:
+        xtx = stats["xtx"]
+        if self.sum is None:
+            self.sum = np.array(xtx, dtype=np.float32)
+        else:
+            self.sum += xtx
+        self.tokens += int(np.asarray(stats["count"]).reshape(-1)[0])
+
+
+class ChannelExtremaRecorder(Observer):
     """Each sample's per-channel (last axis) min and max, kept so ranges can be derived later.
 
     SmoothQuant divides an activation by a per-channel s that is only known once every sample has
@@ -165,21 +246,24 @@ class ChannelExtremaRecorder:
     sample (64 samples of SmolLM2: about 60 MB), instead of the activations themselves.
     """
 
-    needs = "channel_minmax"
-
     def __init__(self) -> None:
         self.mins: list[np.ndarray] = []
         self.maxs: list[np.ndarray] = []
 
-    def update(self, sample: dict[str, np.ndarray]) -> None:
-        self.mins.append(np.asarray(sample["cmin"], dtype=np.float32))
-        self.maxs.append(np.asarray(sample["cmax"], dtype=np.float32))
+    def reductions(self, graph, value, tag):
+        axes = _leading_axes(graph, value, tag)
+        return {"cmin": _node(graph, "ReduceMin", [value, axes], f"{tag}/cmin", keepdims=0),
+                "cmax": _node(graph, "ReduceMax", [value, axes], f"{tag}/cmax", keepdims=0)}
+
+    def update(self, stats) -> None:
+        self.mins.append(np.asarray(stats["cmin"], dtype=np.float32))
+        self.maxs.append(np.asarray(stats["cmax"], dtype=np.float32))
 
     @property
     def absmax(self) -> np.ndarray:
         return np.maximum(np.abs(np.min(self.mins, axis=0)), np.abs(np.max(self.maxs, axis=0)))
 
-    def replay(self, observer: RangeObserver, divisor: np.ndarray | None = None) -> RangeObserver:
+    def replay(self, observer: Observer, divisor: np.ndarray | None = None) -> Observer:
         """Feed `observer` each sample's per-tensor min/max of x / divisor, in sample order."""
         mins, maxs = np.stack(self.mins).astype(np.float64), np.stack(self.maxs).astype(np.float64)
         if divisor is not None:
@@ -189,43 +273,20 @@ class ChannelExtremaRecorder:
         return observer
 
 
+Observation = tuple[str, Observer]  # (tensor name, observer)
+
+
 @dataclass(frozen=True)
 class CalibrationRun:
     seconds: float
 
 
-def _reduction_outputs(graph: ir.Graph, value: ir.Value, needs: str) -> dict[str, ir.Value]:
-    """Add the reductions observer kind `needs` reads from `value`; returns stat name -> output value."""
-    tag = value.name
-    if needs == "raw":
-        return {"raw": value}
-    if needs == "minmax":
-        low = ir.node("ReduceMin", [value], attributes={"keepdims": 0}, name=f"{tag}/calib/min")
-        high = ir.node("ReduceMax", [value], attributes={"keepdims": 0}, name=f"{tag}/calib/max")
-        graph.extend([low, high])
-        low.outputs[0].name, high.outputs[0].name = f"{tag}::min", f"{tag}::max"
-        return {"min": low.outputs[0], "max": high.outputs[0]}
-    rank = len(value.shape) if value.shape is not None else 3
-    axes = ir.Value(name=f"{tag}::calib_axes", const_value=ir.tensor(np.arange(rank - 1, dtype=np.int64)))
-    axes.type, axes.shape = ir.TensorType(ir.DataType.INT64), ir.Shape([rank - 1])
-    graph.register_initializer(axes)
-    if needs == "channel_minmax":
-        low = ir.node("ReduceMin", [value, axes], attributes={"keepdims": 0}, name=f"{tag}/calib/cmin")
-        high = ir.node("ReduceMax", [value, axes], attributes={"keepdims": 0}, name=f"{tag}/calib/cmax")
-        graph.extend([low, high])
-        low.outputs[0].name, high.outputs[0].name = f"{tag}::cmin", f"{tag}::cmax"
-        return {"cmin": low.outputs[0], "cmax": high.outputs[0]}
-    if needs == "absmax":
-        magnitude = ir.node("Abs", [value], name=f"{tag}/calib/abs")
-        high = ir.node("ReduceMax", [magnitude.outputs[0], axes], attributes={"keepdims": 0}, name=f"{tag}/calib/absmax")
-        graph.extend([magnitude, high])
-        high.outputs[0].name = f"{tag}::absmax"
-        return {"absmax": high.outputs[0]}
-    raise ValueError(needs)
+def build_calibration_model(model_path: Path, observations: list[Observation]) -> tuple[bytes, list[dict[str, str]]]:
+    """The model at `model_path` with its outputs replaced by the observers' reductions.
 
-
-def build_calibration_model(model_path: Path, observed: Iterable[tuple[str, str]]) -> bytes:
-    """The model at `model_path`, outputs replaced by the reductions that (tensor name, kind) pairs need."""
+    Returns the serialized model (weights stay in the external data file) and, per observation,
+    its statistic name -> graph output name.
+    """
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     model = ir.load(model_path)
@@ -233,12 +294,16 @@ def build_calibration_model(model_path: Path, observed: Iterable[tuple[str, str]
     values = {v.name: v for v in graph.inputs}
     values.update({v.name: v for node in graph for v in node.outputs})
     graph.outputs.clear()
-    for tensor_name, needs in observed:
-        for stat_value in _reduction_outputs(graph, values[tensor_name], needs).values():
-            stat_value.type = ir.TensorType(ir.DataType.FLOAT)
+    outputs: list[dict[str, str]] = []
+    for index, (tensor_name, observer) in enumerate(observations):
+        stats = observer.reductions(graph, values[tensor_name], f"{tensor_name}/calib{index}")
+        for stat_value in stats.values():
+            if stat_value.type is None:
+                stat_value.type = ir.TensorType(ir.DataType.INT64 if stat_value.name.endswith("/count") else ir.DataType.FLOAT)
             graph.outputs.append(stat_value)
+        outputs.append({stat: value.name for stat, value in stats.items()})
     RemoveUnusedNodesPass()(model)
-    return ir.to_proto(model).SerializeToString()
+    return ir.to_proto(model).SerializeToString(), outputs
 
 
 def graph_input_specs(model_path: Path) -> list[tuple[str, type]]:
@@ -253,21 +318,18 @@ def token_sample_reader(model_path: Path, folder: GenAIFolder, samples: np.ndarr
     return TokenSampleReader(folder, samples, graph_input_specs(model_path))
 
 
-def run_calibration(
-    model_path: Path,
-    reader: CalibrationDataReader,
-    observers: dict[str, object],
-    desc: str = "calibration",
-) -> CalibrationRun:
+def run_calibration(model_path: Path, reader: CalibrationDataReader, observations: list[Observation] | dict[str, Observer],
+                    desc: str = "calibration") -> CalibrationRun:
     """Run every sample of `reader` through ORT and feed each observer the statistics of its tensor."""
-    import time
-
+    if isinstance(observations, dict):
+        observations = list(observations.items())
     start = time.perf_counter()
-    observed = [(name, obs.needs) for name, obs in observers.items()]
+    proto, outputs = build_calibration_model(model_path, observations)
     options = session_options()
     # The cut-down graph is passed as bytes; its weights stay in the model's external data file.
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
-    session = make_session(build_calibration_model(model_path, observed), options)
+    session = make_session(proto, options)
+    del proto
     output_names = [o.name for o in session.get_outputs()]
     try:
         total = len(reader)
@@ -275,10 +337,6 @@ def run_calibration(
         total = None
     for feeds in tqdm(iter(reader.get_next, None), total=total, desc=desc, unit="sample"):
         results = dict(zip(output_names, session.run(output_names, feeds)))
-        for name, observer in observers.items():
-            if observer.needs == "raw":
-                observer.update({"raw": results[name]})
-            else:
-                prefix = f"{name}::"
-                observer.update({k[len(prefix):]: v for k, v in results.items() if k.startswith(prefix)})
+        for (_, observer), names in zip(observations, outputs):
+            observer.update({stat: results[name] for stat, name in names.items()})
     return CalibrationRun(time.perf_counter() - start)

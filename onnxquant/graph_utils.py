@@ -1,4 +1,6 @@
-"""Small helpers over onnx_ir graphs: initializer access, lazily transformed weights, MatMul biases."""
+"""Tensor plumbing over onnx_ir graphs: initializer access, lazily transformed weights, new initializers.
+
+Graph patterns (which node is a norm, a constant MatMul, a bias) live in `onnxquant.patterns`."""
 
 from __future__ import annotations
 
@@ -6,10 +8,6 @@ from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
-
-
-def is_initializer(value: ir.Value | None) -> bool:
-    return value is not None and value.const_value is not None and value.is_initializer()
 
 
 def initializer_array(value: ir.Value) -> np.ndarray:
@@ -100,33 +98,3 @@ def add_initializer(graph: ir.Graph, name: str, array_or_lazy, dtype: ir.DataTyp
     value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape))
     graph.register_initializer(value)
     return value
-
-
-def constant_weight(node: ir.Node, index: int = 1) -> ir.Value | None:
-    """The initializer at input `index` of `node`, if that input is one."""
-    if len(node.inputs) <= index:
-        return None
-    value = node.inputs[index]
-    return value if is_initializer(value) else None
-
-
-def matmul_bias(matmul: ir.Node) -> tuple[ir.Node, ir.Value] | None:
-    """The `Add(matmul_out, bias)` right after a MatMul, when its other input is a constant vector."""
-    uses = list(matmul.outputs[0].uses())
-    if len(uses) != 1:
-        return None
-    add = uses[0].node
-    if add.op_type != "Add" or add.domain != "":
-        return None
-    other = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
-    if is_initializer(other) and other.shape is not None and len(other.shape) == 1:
-        return add, other
-    return None
-
-
-def consumers(value: ir.Value) -> list[ir.Node]:
-    return [use.node for use in value.uses()]
-
-
-def nodes_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
-    return {node.name: node for node in graph}

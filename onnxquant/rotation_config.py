@@ -16,10 +16,9 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxquant.errors import fail
-from onnxquant.graph_utils import matmul_bias, nodes_by_name
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "rotation_configs"
-NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+from onnxquant.patterns import (NORM_OPS, is_const_matmul, is_embedding_gather, matmul_bias, nodes_by_name,
+                                residual_inputs, writes_into)
+from onnxquant.resources import rotation_config_dir
 LAYER_SELECTORS = ("first", "rest", "all", "last")
 
 
@@ -69,11 +68,12 @@ def parse_rotation_config(data: dict, source: str, num_layers: int) -> RotationC
 def load_rotation_config(path: str | Path | None, model_type: str, num_layers: int) -> RotationConfig:
     """The config at `path`, or the family config in rotation_configs/ whose model_types has `model_type`."""
     if path is None:
-        for candidate in sorted(CONFIG_DIR.glob("*.json")):
+        config_dir = rotation_config_dir()
+        for candidate in sorted(config_dir.glob("*.json")):
             data = json.loads(candidate.read_text(encoding="utf-8"))
             if model_type in data.get("model_types", []):
                 return parse_rotation_config(data, candidate.name, num_layers)
-        fail(f"no rotation config for model type {model_type!r} in {CONFIG_DIR}; write one and pass --r_config_path")
+        fail(f"no rotation config for model type {model_type!r} in {config_dir}; write one and pass --r_config_path")
     path = Path(path)
     if not path.is_file():
         fail(f"rotation config {path} does not exist; pass a JSON file such as rotation_configs/llama.json")
@@ -89,10 +89,6 @@ class ResolvedPair:
     prev_nodes: tuple[ir.Node, ...]
     norm_node: ir.Node
     next_nodes: tuple[ir.Node, ...]
-
-
-def norm_weight_index(norm: ir.Node) -> int:
-    return 2 if norm.op_type == "SkipSimplifiedLayerNormalization" else 1
 
 
 def resolve_pairs(config: RotationConfig, graph: ir.Graph) -> list[ResolvedPair]:
@@ -118,25 +114,51 @@ def resolve_pairs(config: RotationConfig, graph: ir.Graph) -> list[ResolvedPair]
         if norm.op_type not in NORM_OPS:
             fail(f"rotation config {config.source}: norm_node {norm.name!r} is a {norm.op_type}, not an RMSNorm")
         covered_norms.add(norm.name)
-        readers = {n.name for n in pair.next_nodes}
-        for use in norm.outputs[0].uses():
-            if use.node.name not in readers:
-                fail(f"rotation config {config.source}: {use.node.name!r} reads {norm.name!r} but is not in its next_nodes")
-        data_inputs = norm.inputs[:2] if norm.op_type == "SkipSimplifiedLayerNormalization" else norm.inputs[:1]
-        for value in data_inputs:
-            producer = value.producer()
-            if producer is None:
-                fail(f"rotation config {config.source}: {norm.name!r} reads a graph input, which cannot be rotated")
-            if producer.op_type == "SkipSimplifiedLayerNormalization" or producer.name in writers:
-                continue
-            if producer.op_type == "Add":
-                matmul = next((v.producer() for v in producer.inputs if v.producer() is not None
-                               and v.producer().name in writers), None)
-                if matmul is not None and matmul_bias(matmul) is not None:
-                    continue
-            fail(f"rotation config {config.source}: {producer.name!r} writes the residual stream read by "
-                 f"{norm.name!r} but is not in its prev_nodes")
+        _check_readers(config.source, pair)
+        _check_writers(config.source, pair, writers)
     for node in graph:
         if node.op_type in NORM_OPS and node.name not in covered_norms:
             fail(f"rotation config {config.source}: norm {node.name!r} is not in any R1 pair; the config does not match this model")
     return resolved
+
+
+def _check_readers(source: str, pair: ResolvedPair) -> None:
+    """next_nodes are exactly the readers of the norm's output, each a constant-weight MatMul."""
+    norm = pair.norm_node
+    readers = {n.name for n in pair.next_nodes}
+    for use in norm.outputs[0].uses():
+        if use.node.name not in readers:
+            fail(f"rotation config {source}: {use.node.name!r} reads {norm.name!r} but is not in its next_nodes")
+    for node in pair.next_nodes:
+        if not is_const_matmul(node):
+            fail(f"rotation config {source}: next node {node.name!r} is a {node.op_type}, not a MatMul with a constant weight")
+        if node.inputs[0] is not norm.outputs[0]:
+            fail(f"rotation config {source}: next node {node.name!r} does not read {norm.name!r}; "
+                 "list only the norm's readers in its next_nodes")
+
+
+def _check_writers(source: str, pair: ResolvedPair, writers: set[str]) -> None:
+    """Every residual input of the norm comes from a listed writer (or an earlier norm's residual
+    output), and every listed writer of this pair writes into one of them."""
+    norm = pair.norm_node
+    inputs = residual_inputs(norm)
+    for value in inputs:
+        producer = value.producer()
+        if producer is None:
+            fail(f"rotation config {source}: {norm.name!r} reads a graph input, which cannot be rotated")
+        if producer.op_type == "SkipSimplifiedLayerNormalization" or producer.name in writers:
+            continue
+        if producer.op_type == "Add":
+            matmul = next((v.producer() for v in producer.inputs if v.producer() is not None
+                           and v.producer().name in writers), None)
+            if matmul is not None and matmul_bias(matmul) is not None:
+                continue
+        fail(f"rotation config {source}: {producer.name!r} writes the residual stream read by "
+             f"{norm.name!r} but is not in its prev_nodes")
+    for node in pair.prev_nodes:
+        if not (is_embedding_gather(node) or is_const_matmul(node)):
+            fail(f"rotation config {source}: prev node {node.name!r} is a {node.op_type}, not the embedding "
+                 "Gather or a MatMul with a constant weight")
+        if not any(writes_into(node, value) for value in inputs):
+            fail(f"rotation config {source}: prev node {node.name!r} does not write the residual stream read by "
+                 f"{norm.name!r}; list only that norm's writers in its prev_nodes")

@@ -1,48 +1,39 @@
 """Quantization schemes as declared data: one frozen dataclass per name in SCHEMES.
 
-Activation signedness: the default schemes quantize activations to uint8 with an asymmetric
-grid (zero point from the observed minimum). Measured on SmolLM2-135M (64 x 512 calibration
-tokens, moving-average MinMax, first 4 wikitext-2 test blocks, float 24.52): uint8 asymmetric
-46.12 against int8 symmetric 57.26, and ORT's CPU kernels ran the uint8 model 3x faster on an
-AVX2 machine, whose integer GEMM is built around u8 x s8 products (s8 x s8 falls back to a slow
-path without VNNI). The activations are skewed enough (e.g. silu(gate) * up) that a symmetric
-grid wastes levels. The *_SYMMETRIC_ACT schemes keep signed int8 with zero point 0 for targets
-that want it. Weights are always signed int8, symmetric.
+A scheme names the grid of the MatMul weights, of their input activations (None: weight-only,
+activations stay float), of the token embedding, and per-node overrides by name pattern (an
+lm_head at 8 bits, a node kept in float). `--exclude TEXT` is such an override.
+
+Activation signedness: the INT8 schemes quantize activations to uint8 with an asymmetric grid
+(zero point from the observed minimum). Measured on SmolLM2-135M (64 x 512 calibration tokens,
+moving-average MinMax, first 4 wikitext-2 test blocks, float 24.52): uint8 asymmetric 46.12
+against int8 symmetric 57.26, and ORT's CPU kernels ran the uint8 model 3x faster on an AVX2
+machine, whose integer GEMM is built around u8 x s8 products. The *_SYMMETRIC_ACT schemes keep
+signed int8 with zero point 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 
-import numpy as np
-
 from onnxquant.errors import fail
+from onnxquant.spec import QuantSpec
 
 
 @dataclass(frozen=True)
-class TensorQuant:
-    """How one kind of tensor is quantized."""
+class NodeOverride:
+    """Nodes whose name contains `pattern` (or matches it as a glob when it has * or ?) get
+    `weights` instead of the scheme's; weights None keeps them in float."""
 
-    signed: bool  # int8 if True, uint8 if False
-    symmetric: bool  # zero point 0 (signed) / derived from the observed range (asymmetric)
-    per_channel: bool = False  # weights only: one scale per output column
-    # Weights only: choose the scale so that |q[k]| + |q[k+1]| <= 128 for every pair of adjacent
-    # input rows. ORT's u8 x s8 GEMM on AVX2 without VNNI (vpmaddubsw) adds such pairs of
-    # products in int16, which saturates above 32767 = 255 * 128.5; with the bound it cannot.
-    pair_safe: bool = False
+    pattern: str
+    weights: QuantSpec | None = None
 
-    @property
-    def qmin(self) -> int:
-        return -128 if self.signed else 0
-
-    @property
-    def qmax(self) -> int:
-        return 127 if self.signed else 255
-
-    @property
-    def numpy_dtype(self) -> type:
-        return np.int8 if self.signed else np.uint8
+    def matches(self, name: str) -> bool:
+        if any(c in self.pattern for c in "*?["):
+            return fnmatch.fnmatchcase(name, self.pattern)
+        return self.pattern in name
 
 
 @dataclass(frozen=True)
@@ -52,28 +43,75 @@ class Calibration:
     moving_average: bool = False
     averaging_constant: float = 0.01  # new = old + c * (sample - old), as in AMD Quark / PyTorch
 
+    def __post_init__(self) -> None:
+        if self.method not in ("minmax", "percentile"):
+            raise ValueError(f"unknown calibration method {self.method!r}")
+        if not 0.0 < self.averaging_constant <= 1.0:
+            raise ValueError("averaging_constant must be in (0, 1]")
+
+
+ALGORITHMS = ("rtn", "awq", "gptq")
+
 
 @dataclass(frozen=True)
 class QuantScheme:
     name: str
     description: str
-    weights: TensorQuant
-    activations: TensorQuant
+    weights: QuantSpec
+    activations: QuantSpec | None  # None: weight-only (activations stay float)
+    embedding: QuantSpec | None = QuantSpec("int8", "per_channel")  # one scale per vocabulary row
+    overrides: tuple[NodeOverride, ...] = ()
     calibration: Calibration = Calibration()
     sq_alpha: float = 0.5  # SmoothQuant migration strength when --include_sq is given without --sq_alpha
+    algo: str = "rtn"  # how weights are rounded: rtn, awq or gptq
+    accuracy_level: int = 0  # MatMulNBits compute type (4: int8 activations per block at run time)
+    clip_search: bool = False  # RTN: search a per-block clip ratio minimizing the block's error
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algo!r}")
+        if self.activations is not None and self.weights.granularity == "per_block":
+            raise ValueError("blocked weights are weight-only here (MatMulNBits); drop the activation spec")
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activations is None
 
     def with_calibration(self, **changes) -> "QuantScheme":
         return dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, **changes))
 
+    def weights_for(self, node_name: str) -> QuantSpec | None:
+        """The weight grid of one node after overrides (the last matching override wins)."""
+        spec = self.weights
+        for override in self.overrides:
+            if override.matches(node_name):
+                spec = override.weights
+        return spec
 
-INT8_SYMMETRIC_ACT = TensorQuant(signed=True, symmetric=True)
-UINT8_ASYMMETRIC_ACT = TensorQuant(signed=False, symmetric=False)
-INT8_WEIGHT_PER_TENSOR = TensorQuant(signed=True, symmetric=True, per_channel=False)
-INT8_WEIGHT_PER_CHANNEL = TensorQuant(signed=True, symmetric=True, per_channel=True)
+
+INT8_SYMMETRIC_ACT = QuantSpec("int8", "per_tensor", symmetric=True)
+UINT8_ASYMMETRIC_ACT = QuantSpec("uint8", "per_tensor", symmetric=False)
+INT8_WEIGHT_PER_TENSOR = QuantSpec("int8", "per_tensor")
+INT8_WEIGHT_PER_CHANNEL = QuantSpec("int8", "per_channel")
 # Per-channel weights fill [-127, 127] in every column, which makes the u8 x s8 saturation above
 # likely where uint8 activations peak: SmolLM2 INT8_PER_CHANNEL went from 20.8 to 615754 perplexity
 # through ORT's fused MatMulIntegerToFloat, while the same QDQ graph evaluated op by op was fine.
-INT8_WEIGHT_PER_CHANNEL_PAIR_SAFE = TensorQuant(signed=True, symmetric=True, per_channel=True, pair_safe=True)
+INT8_WEIGHT_PER_CHANNEL_PAIR_SAFE = QuantSpec("int8", "per_channel", pair_safe=True)
+DEFAULT_BLOCK_SIZE = 128
+
+
+def uint4_blocks(block_size: int = DEFAULT_BLOCK_SIZE) -> QuantSpec:
+    return QuantSpec("uint4", "per_block", symmetric=False, block_size=block_size)
+
+
+def int4_blocks(block_size: int = DEFAULT_BLOCK_SIZE) -> QuantSpec:
+    return QuantSpec("int4", "per_block", symmetric=True, block_size=block_size)
+
+
+# 8-bit MatMulNBits for the mixed-precision overrides of the 4-bit schemes (lm_head, ...).
+def uint8_blocks(block_size: int = DEFAULT_BLOCK_SIZE) -> QuantSpec:
+    return QuantSpec("uint8", "per_block", symmetric=False, block_size=block_size)
+
 
 SCHEMES: dict[str, QuantScheme] = {
     scheme.name: scheme
@@ -90,6 +128,12 @@ SCHEMES: dict[str, QuantScheme] = {
         QuantScheme("INT8_SYMMETRIC_ACT_PER_CHANNEL",
                     "int8 symmetric per-output-channel weights, int8 symmetric per-tensor static activations",
                     INT8_WEIGHT_PER_CHANNEL, INT8_SYMMETRIC_ACT),
+        QuantScheme("UINT4_PER_GROUP_ASYM",
+                    "uint4 asymmetric weights per block of K (MatMulNBits), float activations",
+                    uint4_blocks(), None, embedding=uint4_blocks()),
+        QuantScheme("INT4_PER_GROUP_SYM",
+                    "int4 symmetric weights per block of K (MatMulNBits), float activations",
+                    int4_blocks(), None, embedding=int4_blocks()),
     )
 }
 
@@ -98,27 +142,3 @@ def get_scheme(name: str) -> QuantScheme:
     if name not in SCHEMES:
         fail(f"unknown --config {name!r}; choose one of {', '.join(SCHEMES)}")
     return SCHEMES[name]
-
-
-def quant_params(rmin: np.ndarray | float, rmax: np.ndarray | float, spec: TensorQuant) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32) and zero point (spec dtype) covering [rmin, rmax], elementwise.
-
-    Symmetric: scale = max(|rmin|, |rmax|) / 127, zero point 0. Asymmetric: the range is widened
-    to include 0 (so zero is exact) and spread over all 256 levels.
-    """
-    rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
-    rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
-    tiny = np.finfo(np.float32).tiny
-    if spec.symmetric:
-        scale = np.maximum(np.maximum(-rmin, rmax) / 127.0, tiny)
-        zero_point = np.zeros_like(scale) if spec.signed else np.full_like(scale, 128.0)
-    else:
-        scale = np.maximum((rmax - rmin) / (spec.qmax - spec.qmin), tiny)
-        zero_point = np.clip(np.round(spec.qmin - rmin / scale), spec.qmin, spec.qmax)
-    return scale.astype(np.float32), zero_point.astype(spec.numpy_dtype)
-
-
-def quantize_array(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: TensorQuant) -> np.ndarray:
-    """Round-to-nearest-even and saturate, as ONNX QuantizeLinear does."""
-    q = np.rint(x / scale) + np.asarray(zero_point, dtype=np.float32)  # integers below 2**24: exact
-    return np.clip(q, spec.qmin, spec.qmax).astype(spec.numpy_dtype)

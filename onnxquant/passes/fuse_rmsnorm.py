@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.graph_utils import constant_weight, initializer_array, transform_initializer
-from onnxquant.rotation_config import ResolvedPair, norm_weight_index
+from onnxquant.graph_utils import initializer_array, transform_initializer
+from onnxquant.patterns import constant_weight, is_const_matmul, norm_weight
+from onnxquant.rotation_config import ResolvedPair
 
 
 class FoldNormIntoReadersPass(ir.passes.InPlacePass):
@@ -21,18 +22,21 @@ class FoldNormIntoReadersPass(ir.passes.InPlacePass):
         super().__init__()
         self.pairs = pairs
 
+    def requires(self, model: ir.Model) -> None:
+        for pair in self.pairs:
+            for reader in pair.next_nodes:
+                if not is_const_matmul(reader) or reader.inputs[0] is not pair.norm_node.outputs[0]:
+                    raise ir.passes.PreconditionError(f"{reader.name} is not a constant MatMul reading {pair.norm_node.name}")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for pair in self.pairs:
-            weight = pair.norm_node.inputs[norm_weight_index(pair.norm_node)]
+            weight = norm_weight(pair.norm_node)
             gain = initializer_array(weight).astype(np.float64)
             if np.all(gain == 1.0):
                 continue
             for reader in pair.next_nodes:
-                reader_weight = constant_weight(reader)
-                if reader.op_type != "MatMul" or reader_weight is None:
-                    raise ValueError(f"{reader.name} is not a MatMul with a constant weight")
-                transform_initializer(reader_weight, lambda w, g=gain: w.astype(np.float64) * g[:, None],
+                transform_initializer(constant_weight(reader), lambda w, g=gain: w.astype(np.float64) * g[:, None],
                                       blocks_along=1)
             transform_initializer(weight, lambda g: np.ones_like(g))
             modified = True

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.graph_utils import constant_weight, initializer_array, matmul_bias, transform_initializer
-from onnxquant.rotation_config import ResolvedPair, norm_weight_index
-
-ROTATION_METADATA_KEY = "onnxquant.rotation"
+from onnxquant.graph_utils import initializer_array, transform_initializer
+from onnxquant.patterns import (ROTATION_METADATA_KEY, constant_weight, is_const_matmul, is_embedding_gather,
+                                matmul_bias, norm_weight)
+from onnxquant.rotation_config import ResolvedPair
 
 
 class RotateR1Pass(ir.passes.InPlacePass):
@@ -39,21 +39,29 @@ class RotateR1Pass(ir.passes.InPlacePass):
                 done.add(table.name)
             return
         weight = constant_weight(node)
-        if node.op_type != "MatMul" or weight is None:
-            raise ValueError(f"{node.name} writes the residual stream but is not a Gather or constant MatMul")
         transform_initializer(weight, lambda w: w.astype(np.float64) @ q, blocks_along=0)
         bias = matmul_bias(node)
         if bias is not None:
             transform_initializer(bias[1], lambda b: b.astype(np.float64) @ q)
+
+    def requires(self, model: ir.Model) -> None:
+        if ROTATION_METADATA_KEY in model.metadata_props:
+            raise ir.passes.PreconditionError("the model is already rotated")
+        for pair in self.pairs:
+            if not np.all(initializer_array(norm_weight(pair.norm_node)) == 1.0):
+                raise ir.passes.PreconditionError(f"{pair.norm_node.name} still has a norm weight; fold it first")
+            for node in pair.prev_nodes:
+                if not (is_embedding_gather(node) or is_const_matmul(node)):
+                    raise ir.passes.PreconditionError(f"{node.name} writes the residual stream but is not a Gather or constant MatMul")
+            for node in pair.next_nodes:
+                if not is_const_matmul(node):
+                    raise ir.passes.PreconditionError(f"{node.name} reads a norm but is not a constant MatMul")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         q = self.q
         writers_done: set[str] = set()
         readers_done: set[str] = set()
         for pair in self.pairs:
-            gain = initializer_array(pair.norm_node.inputs[norm_weight_index(pair.norm_node)])
-            if not np.all(gain == 1.0):
-                raise ValueError(f"{pair.norm_node.name} still has a norm weight; fold it into its readers first")
             for writer in pair.prev_nodes:
                 if writer.name not in writers_done:
                     self._rotate_writer(writer, writers_done)

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxquant.graph_utils import add_initializer, consumers, is_initializer
-
-
-def find_tied_embedding(graph: ir.Graph) -> tuple[ir.Node, ir.Node, ir.Value] | None:
-    """(Gather, Transpose, lm_head weight) when the embedding Gather reads Transpose(an initializer)."""
-    for node in graph:
-        if node.op_type != "Gather" or node.domain != "":
-            continue
-        producer = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if producer is not None and producer.op_type == "Transpose" and is_initializer(producer.inputs[0]):
-            return node, producer, producer.inputs[0]
-    return None
+from onnxquant.graph_utils import add_initializer
+from onnxquant.patterns import consumers, find_tied_embedding
 
 
 class UntieEmbeddingsPass(ir.passes.InPlacePass):

@@ -1,0 +1,57 @@
+"""QuantizeLinear/DequantizeLinear around MatMuls: int8 weights with a DQ, a Q -> DQ pair per activation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxquant.emitters import EmitContext, LazyQuantized, drop_if_unused
+from onnxquant.graph_utils import add_initializer
+from onnxquant.patterns import constant_weight
+from onnxquant.plan import PlannedNode
+from onnxquant.spec import QuantSpec, quant_params
+
+
+def emit_activation_qdq(graph: ir.Graph, readers: list[ir.Node], name: str, spec: QuantSpec,
+                        value_range: tuple[float, float]) -> None:
+    """`DequantizeLinear(QuantizeLinear(X))` with a static scale/zero point, shared by all readers."""
+    scale, zero_point = quant_params(*value_range, spec)
+    activation = readers[0].inputs[0]
+    scale_value = add_initializer(graph, f"{name}/act_scale", scale)
+    zp_value = add_initializer(graph, f"{name}/act_zero_point", zero_point)
+    quant = ir.node("QuantizeLinear", [activation, scale_value, zp_value], name=f"{name}/QuantizeLinear")
+    dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale_value, zp_value], name=f"{name}/DequantizeLinear")
+    quant.outputs[0].name, dequant.outputs[0].name = f"{name}/quantized", f"{name}/dequantized"
+    dequant.outputs[0].dtype = activation.dtype
+    graph.insert_before(readers[0], [quant, dequant])
+    for reader in readers:
+        reader.replace_input_with(0, dequant.outputs[0])
+
+
+def emit_qdq_weight(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -> None:
+    """W -> int8 W_q and `DequantizeLinear(W_q, scale, zero_point)` feeding the MatMul (per tensor,
+    or per output column with axis=1)."""
+    graph, spec = ctx.graph, planned.weights
+    weight = constant_weight(matmul)
+    k, n = weight.shape
+    per_channel = spec.granularity == "per_channel"
+    grid_shape = (n,) if per_channel else ()
+
+    def compute(array: np.ndarray) -> dict[str, np.ndarray]:
+        rounded = ctx.rounder(matmul.name, array, spec)
+        return {"codes": rounded.codes, "scale": np.asarray(rounded.scale, np.float32).reshape(grid_shape),
+                "zero_point": np.asarray(rounded.zero_point, spec.numpy_dtype).reshape(grid_shape)}
+
+    lazy = LazyQuantized(weight, compute, parts=3)
+    codes = add_initializer(graph, f"{weight.name}_quantized", lazy.part("codes"), dtype=spec.element.ir_dtype, shape=(k, n))
+    scale = add_initializer(graph, f"{weight.name}_scale", lazy.part("scale"), dtype=ir.DataType.FLOAT, shape=grid_shape)
+    zero_point = add_initializer(graph, f"{weight.name}_zero_point", lazy.part("zero_point"),
+                                 dtype=spec.element.ir_dtype, shape=grid_shape)
+    attributes = {"axis": 1} if per_channel else {}
+    dequant = ir.node("DequantizeLinear", [codes, scale, zero_point], attributes=attributes,
+                      name=f"{matmul.name}/weight/DequantizeLinear")
+    dequant.outputs[0].name = f"{weight.name}_dequantized"
+    dequant.outputs[0].dtype = ir.DataType.FLOAT
+    graph.insert_before(matmul, dequant)
+    matmul.replace_input_with(1, dequant.outputs[0])
+    drop_if_unused(graph, weight)

@@ -1,0 +1,80 @@
+"""Divide activations by per-channel scales and fold the division away (SmoothQuant, AWQ)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxquant.graph_utils import add_initializer, transform_initializer
+from onnxquant.patterns import constant_weight, matmul_bias, nodes_by_name, norm_weight
+from onnxquant.scale_folding import FoldTarget
+
+
+class FoldChannelScalesPass(ir.passes.InPlacePass):
+    """For each target activation X with scales s: readers' weights W[j, :] <- s_j W[j, :], and X <- X / s
+    folded into the producer named by the target (see onnxquant.scale_folding): the norm weight
+    g <- g / s, up_proj's output columns and bias / s, the v columns of the q/k/v projection and
+    bias / s (s must already be shared within each kv group), or, for "mul" targets, an explicit
+    `Mul` by 1/s in front of the readers. The float model computes the same function.
+    """
+
+    def __init__(self, targets: list[FoldTarget], scales: dict[str, np.ndarray]):
+        super().__init__()
+        self.targets = targets
+        self.scales = scales
+        self.inserted_muls: list[tuple[str, str]] = []  # (activation, reason)
+
+    def requires(self, model: ir.Model) -> None:
+        for target in self.targets:
+            scales = self.scales[target.activation]
+            if not np.all(np.isfinite(scales)) or np.any(scales <= 0):
+                raise ir.passes.PreconditionError(f"scales of {target.activation} must be positive and finite")
+            if target.kind == "v" and not np.array_equal(target.shared(scales), scales):
+                raise ir.passes.PreconditionError(f"scales of {target.activation} differ within a kv group")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        by_name = nodes_by_name(graph)
+        for target in self.targets:
+            scales = np.asarray(self.scales[target.activation], dtype=np.float64)
+            readers = [by_name[name] for name in target.readers]
+            if target.kind == "norm":
+                transform_initializer(norm_weight(by_name[target.producer]), lambda g, s=scales: g / s)
+            elif target.kind == "up":
+                _divide_columns(by_name[target.producer], scales)
+            elif target.kind == "v":
+                heads_per_kv = target.kv_groups
+                s_v = scales.reshape(-1, heads_per_kv, target.head_size)[:, 0, :].reshape(-1)
+                _divide_columns(by_name[target.producer], s_v, last=len(s_v))
+            else:
+                self._insert_mul(graph, readers, scales, target.reason)
+            for reader in readers:
+                transform_initializer(constant_weight(reader), lambda w, s=scales: w.astype(np.float64) * s[:, None],
+                                      blocks_along=1)
+        return ir.passes.PassResult(model, modified=bool(self.targets))
+
+    def _insert_mul(self, graph: ir.Graph, readers: list[ir.Node], scales: np.ndarray, reason: str) -> None:
+        activation = readers[0].inputs[0]
+        inverse = add_initializer(graph, f"{activation.name}/channel_inverse_scale", (1.0 / scales).astype(np.float32))
+        mul = ir.node("Mul", [activation, inverse], name=f"{activation.name}/ChannelScaleMul")
+        mul.outputs[0].name = f"{activation.name}/scaled"
+        mul.outputs[0].dtype, mul.outputs[0].shape = activation.dtype, activation.shape
+        graph.insert_before(readers[0], mul)
+        for reader in readers:
+            reader.replace_input_with(0, mul.outputs[0])
+        self.inserted_muls.append((activation.name, reason))
+
+
+def _divide_columns(linear: ir.Node, scales: np.ndarray, last: int | None = None) -> None:
+    """Divide the last `last` output columns (all when None) of a MatMul weight and its bias by `scales`."""
+
+    def divide(w, s=scales):
+        w = w.astype(np.float64).copy()
+        columns = slice(None) if last is None else slice(w.shape[-1] - last, None)
+        w[..., columns] /= s
+        return w
+
+    transform_initializer(constant_weight(linear), divide, blocks_along=0)
+    bias = matmul_bias(linear)
+    if bias is not None:
+        transform_initializer(bias[1], divide)

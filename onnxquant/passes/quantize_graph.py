@@ -1,0 +1,57 @@
+"""Write a quantization plan into the graph through the emitters."""
+
+from __future__ import annotations
+
+import json
+
+import onnx_ir as ir
+
+from onnxquant.emitters import EMITTERS, EmitContext, WeightRounder, nearest_rounder, weight_format
+from onnxquant.emitters.qdq import emit_activation_qdq
+from onnxquant.patterns import QUANT_METADATA_KEY, nodes_by_name
+from onnxquant.plan import QuantPlan
+
+
+class QuantizeGraphPass(ir.passes.InPlacePass):
+    """Rewrite every planned node with the emitter for (its op, its grid's format).
+
+    Activations: when the plan has an activation grid, each activation group read by MatMuls on
+    the "qdq" format gets one `QuantizeLinear -> DequantizeLinear` pair with the static range of
+    `ranges[activation]`, shared by all its readers. Weights are rounded by `rounder` when the
+    model is written. The model's metadata records the scheme.
+    """
+
+    def __init__(self, plan: QuantPlan, ranges: dict[str, tuple[float, float]], description: dict,
+                 rounder: WeightRounder = nearest_rounder, accuracy_level: int = 0):
+        super().__init__()
+        self.plan = plan
+        self.ranges = ranges
+        self.description = description
+        self.rounder = rounder
+        self.accuracy_level = accuracy_level
+        self.quantized_nodes = 0
+
+    def requires(self, model: ir.Model) -> None:
+        if QUANT_METADATA_KEY in model.metadata_props:
+            raise ir.passes.PreconditionError("the model is already quantized")
+        by_name = nodes_by_name(model.graph)
+        missing = [name for name in self.plan.nodes if name not in by_name]
+        if missing:
+            raise ir.passes.PreconditionError(f"planned node {missing[0]} is not in the graph")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        by_name = nodes_by_name(graph)
+        ctx = EmitContext(graph, self.rounder, self.accuracy_level)
+        if self.plan.activation_spec is not None:
+            for activation, reader_names in self.plan.activations.items():
+                readers = [by_name[name] for name in reader_names if weight_format(self.plan.nodes[name]) == "qdq"]
+                if readers:
+                    emit_activation_qdq(graph, readers, activation, self.plan.activation_spec, self.ranges[activation])
+        for planned in self.plan.nodes.values():
+            EMITTERS[(planned.op, weight_format(planned))](ctx, by_name[planned.name], planned)
+            self.quantized_nodes += 1
+        model.metadata_props[QUANT_METADATA_KEY] = json.dumps(self.description)
+        if any(weight_format(p) == "blocked" for p in self.plan.nodes.values()):
+            model.opset_imports.setdefault("com.microsoft", 1)
+        return ir.passes.PassResult(model, modified=self.quantized_nodes > 0)

@@ -1,0 +1,74 @@
+"""What gets quantized and how: the one place that reads the scheme against the graph.
+
+Every MatMul with a constant 2-D float weight is planned with the scheme's weight grid after the
+per-node overrides (an override to None keeps it in float). Readers of one activation form one
+`ActivationGroup` (the fused q/k/v projection; gate and up share the norm output), which shares a
+Q/DQ pair, one SmoothQuant/AWQ scale and one Hessian. The token embedding Gather is planned with
+the scheme's embedding grid. Emitters (onnxquant.emitters) then write what the plan says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from onnxquant.patterns import is_const_matmul, is_embedding_gather
+from onnxquant.schemes import QuantScheme
+from onnxquant.spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    name: str
+    op: str  # "MatMul" or "Gather"
+    weights: QuantSpec
+
+
+@dataclass
+class QuantPlan:
+    """Planned nodes, and the MatMuls grouped by the activation they read."""
+
+    nodes: dict[str, PlannedNode] = field(default_factory=dict)
+    activations: dict[str, list[str]] = field(default_factory=dict)  # activation name -> reader MatMul names
+    activation_spec: QuantSpec | None = None
+    embedding: str | None = None  # name of the embedding Gather
+
+    @property
+    def matmuls(self) -> list[PlannedNode]:
+        return [node for node in self.nodes.values() if node.op == "MatMul"]
+
+
+def plan_quantization(graph: ir.Graph, scheme: QuantScheme, include_embedding: bool = True) -> QuantPlan:
+    plan = QuantPlan(activation_spec=scheme.activations)
+    for node in graph:
+        if is_const_matmul(node):
+            spec = scheme.weights_for(node.name)
+            if spec is None:
+                continue
+            plan.nodes[node.name] = PlannedNode(node.name, "MatMul", spec)
+            plan.activations.setdefault(node.inputs[0].name, []).append(node.name)
+        elif include_embedding and plan.embedding is None and is_embedding_gather(node) and scheme.embedding is not None:
+            spec = scheme.embedding
+            for override in scheme.overrides:
+                if override.matches(node.name):
+                    spec = override.weights if override.weights is None else _embedding_spec(override.weights)
+            if spec is None:
+                continue
+            plan.nodes[node.name] = PlannedNode(node.name, "Gather", spec)
+            plan.embedding = node.name
+    return plan
+
+
+def _embedding_spec(matmul_spec: QuantSpec) -> QuantSpec:
+    """An override written for MatMuls applied to the embedding: 8 bits become int8 rows, 4-bit
+    blocks stay blocks along the hidden axis."""
+    if matmul_spec.bits == 8:
+        return QuantSpec("int8", "per_channel")
+    return matmul_spec
+
+
+def unmatched_patterns(graph: ir.Graph, scheme: QuantScheme) -> list[str]:
+    """Override patterns that match no quantizable node (a typo would otherwise pass silently)."""
+    names = [node.name for node in graph if is_const_matmul(node) or is_embedding_gather(node)]
+    return [o.pattern for o in scheme.overrides if not any(o.matches(name) for name in names)]
