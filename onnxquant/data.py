@@ -103,3 +103,9 @@ def cut_windows(ids: np.ndarray, size: int, count: int | None, what: str) -> np.
         fail(f"the {what} has {len(ids)} tokens, fewer than one block of {size}; give a longer text or a smaller block size")
     n = available if count is None else count
     return ids[: n * size].reshape(n, size)
+
+
+def calibration_windows(folder: str | Path, text: str, count: int, seq_len: int) -> np.ndarray:
+    """The first `count` consecutive windows of `seq_len` tokens of `text`, shape [count, seq_len]."""
+    ids = tokenize_prefix(folder, text, count * seq_len)
+    return cut_windows(ids, seq_len, count, "calibration text")

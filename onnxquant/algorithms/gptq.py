@@ -1,0 +1,86 @@
+"""GPTQ: round a weight column by column, updating the columns not yet rounded to absorb the error.
+
+With H = sum x xᵀ over calibration tokens of the weight's input (from the in-graph
+HessianObserver), rounding input row k of W [K, N] to q_k leaves an output error that the
+remaining rows can partly cancel: W[k+1:] -= (w_k - q_k) H⁻¹[k, k+1:] / H⁻¹[k, k] (optimal brain
+surgeon, rows processed in order, through the upper Cholesky factor of H⁻¹). Options follow the
+reference implementation: dampening (a fraction of mean diag H added to the diagonal), act-order
+(rows by decreasing diag H), lazy batch updates (blocks of 128 rows). Block grids are fixed up
+front from the unmodified weight ("static groups"), so act-order keeps MatMulNBits' layout.
+Math runs in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from onnxquant.algorithms.rtn import clip_search
+from onnxquant.spec import QuantizedWeight, QuantSpec, padded_blocks, quantize_array, round_to_nearest
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    damp: float = 0.01
+    act_order: bool = True
+    batch: int = 128
+    clip_search: bool = True  # choose the fixed block grids with the H-weighted clip search
+
+
+def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)⁻¹, raising the dampening until H is positive definite."""
+    mean_diag = float(np.mean(np.diag(h))) or 1.0
+    for attempt in range(6):
+        damped = h + (damp * 10 ** attempt) * mean_diag * np.eye(len(h))
+        try:
+            lower = scipy.linalg.cholesky(damped, lower=True)
+            inverse = scipy.linalg.cho_solve((lower, True), np.eye(len(h)))
+            return scipy.linalg.cholesky(inverse, lower=False)
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("the Hessian is not positive definite even with strong dampening")
+
+
+def gptq_round(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, settings: GPTQSettings = GPTQSettings()) -> QuantizedWeight:
+    k, n = weight.shape
+    h = np.array(hessian, dtype=np.float64)
+    w = np.array(weight, dtype=np.float64)  # [K, N]: row k is input channel k
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[dead] = 0.0
+    grid = clip_search(w.astype(np.float32), spec, np.diag(h)) if settings.clip_search else round_to_nearest(w.astype(np.float32), spec)
+    if spec.granularity == "per_block":
+        block_of = np.arange(k) // spec.block_size
+        row_scale = grid.scale[:, block_of].T.astype(np.float64)  # [K, N]
+        row_zero = grid.zero_point[:, block_of].T.astype(np.float64)
+    else:
+        row_scale = np.broadcast_to(np.asarray(grid.scale, np.float64), (k, n))
+        row_zero = np.broadcast_to(np.asarray(grid.zero_point, np.float64), (k, n))
+    order = np.argsort(-np.diag(h), kind="stable") if settings.act_order else np.arange(k)
+    w, h = w[order], h[np.ix_(order, order)]
+    row_scale, row_zero = row_scale[order], row_zero[order]
+    hinv = _inverse_cholesky(h, settings.damp)
+    codes = np.zeros((k, n), dtype=np.float64)
+    for start in range(0, k, settings.batch):
+        end = min(start + settings.batch, k)
+        block = w[start:end].copy()
+        errors = np.zeros_like(block)
+        for i in range(end - start):
+            row = start + i
+            q = np.clip(np.rint(block[i] / row_scale[row]) + row_zero[row], spec.qmin, spec.qmax)
+            codes[row] = q
+            error = (block[i] - (q - row_zero[row]) * row_scale[row]) / hinv[row, row]
+            block[i:] -= np.outer(hinv[row, row:end], error)
+            errors[i] = error
+        w[end:] -= hinv[start:end, end:].T @ errors
+    inverse_order = np.argsort(order)
+    codes = codes[inverse_order].astype(spec.numpy_dtype)
+    if spec.granularity != "per_block":
+        return QuantizedWeight(codes, grid.scale, grid.zero_point, spec, k)
+    # Back to MatMulNBits' [N, blocks, block] layout; padded rows hold the zero point (value 0).
+    blocks = padded_blocks(codes.astype(np.float32), spec.block_size)
+    if k % spec.block_size:
+        blocks[:, -1, k % spec.block_size:] = grid.zero_point[:, -1:].astype(np.float32)
+    return QuantizedWeight(blocks.astype(spec.numpy_dtype), grid.scale, grid.zero_point, spec, k)

@@ -1,0 +1,29 @@
+"""Round to nearest, with an optional per-block clipping search."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxquant.spec import QuantizedWeight, QuantSpec, block_grid, padded_blocks, quantize_array, round_to_nearest
+
+CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
+
+
+def clip_search(weight: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = None) -> QuantizedWeight:
+    """Blocked RTN where each block's range is shrunk by the ratio in CLIP_RATIOS minimizing
+    sum_k importance_k (w_k - q_k)^2 over the block (importance: e.g. diag of the Hessian, so the
+    error is weighted by how large the inputs of row k are; None weighs rows equally)."""
+    if spec.granularity != "per_block":
+        return round_to_nearest(weight, spec)
+    blocks = padded_blocks(np.asarray(weight, dtype=np.float32), spec.block_size)  # [N, B, bs]
+    weights = 1.0 if importance is None else padded_blocks(np.asarray(importance, np.float32)[:, None],
+                                                           spec.block_size)[0]  # [B, bs]
+    best_err = np.full(blocks.shape[:2], np.inf)
+    best_ratio = np.ones(blocks.shape[:2])
+    for ratio in CLIP_RATIOS:
+        scale, zero = block_grid(blocks, spec, ratio)
+        codes = quantize_array(blocks, scale[..., None], zero[..., None], spec)
+        err = (((codes.astype(np.float32) - zero[..., None].astype(np.float32)) * scale[..., None] - blocks) ** 2 * weights).sum(-1)
+        better = err < best_err
+        best_err[better], best_ratio[better] = err[better], ratio
+    return round_to_nearest(weight, spec, best_ratio)

@@ -1,0 +1,318 @@
+"""The quantization pipeline: an ordered recipe of stages, each a set of graph passes plus what it
+needs from calibration, run on an ORT-GenAI folder.
+
+RECIPE = ROTATE (untie, fold norms, QuaRot R1) -> SMOOTH (SmoothQuant) -> QUANTIZE (AWQ scales,
+then the emitters with RTN / GPTQ rounding). A stage's `prepare` makes changes that leave every
+activation as it is (untying the embedding) and returns the observers it needs; if any, one ORT
+calibration pass over the model as it is on disk feeds them; `build` turns the statistics into
+passes, which run through onnx_ir's `Sequential` (their `requires` checks preconditions). A stage
+that changes weights other stages calibrate on is checkpointed: the model is written to a scratch
+folder with its pending transforms and loaded back, and the previous scratch stage is deleted.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from onnxquant.algorithms.awq import awq_scales
+from onnxquant.algorithms.gptq import GPTQSettings, gptq_round
+from onnxquant.algorithms.rtn import clip_search
+from onnxquant.algorithms.smooth_quant import target_scales
+from onnxquant.calibration import (ChannelAbsMaxObserver, ChannelExtremaRecorder, ChannelMeanAbsObserver,
+                                   HessianObserver, Observation, make_range_observer, run_calibration,
+                                   token_sample_reader)
+from onnxquant.emitters import nearest_rounder
+from onnxquant.errors import UserError, fail
+from onnxquant.genai_folder import GenAIFolder
+from onnxquant.graph_utils import read_initializer
+from onnxquant.hadamard import rotation_matrix
+from onnxquant.passes import (FoldChannelScalesPass, FoldNormIntoReadersPass, QuantizeGraphPass, RotateR1Pass,
+                              UntieEmbeddingsPass)
+from onnxquant.patterns import QUANT_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
+from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
+from onnxquant.rotation_config import load_rotation_config, resolve_pairs
+from onnxquant.scale_folding import fold_targets
+from onnxquant.schemes import QuantScheme
+from onnxquant.spec import QuantSpec
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    config_path: Path | None = None
+    hidden_size: int | None = None
+    random_hadamard: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    scheme: QuantScheme
+    rotation: RotationSettings | None = None
+    sq_alpha: float | None = None  # None: no SmoothQuant
+    skip_quantization: bool = False
+    gptq: GPTQSettings = GPTQSettings()
+
+    @property
+    def needs_calibration(self) -> bool:
+        scheme = self.scheme
+        return self.sq_alpha is not None or (not self.skip_quantization and (not scheme.weight_only or scheme.algo != "rtn"))
+
+
+@dataclass
+class QuantizeReport:
+    quantized_nodes: int = 0
+    smoothed: int = 0
+    inserted_muls: list[tuple[str, str]] = field(default_factory=list)
+    awq_alphas: list[float] = field(default_factory=list)
+    calibration_seconds: float = 0.0
+    calibration_passes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class StageContext:
+    model: ir.Model
+    model_path: Path
+    folder: GenAIFolder
+    settings: QuantizeSettings
+    samples: np.ndarray | None
+    report: QuantizeReport
+    ranges: dict[str, tuple[float, float]] | None = None  # activation ranges computed ahead (one-pass SmoothQuant)
+    state: dict = field(default_factory=dict)  # what a stage's prepare hands to its build
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    applies: Callable[[QuantizeSettings], bool]
+    prepare: Callable[[StageContext], list[Observation]]
+    build: Callable[[StageContext], list[ir.passes.PassBase]]
+    checkpoint: bool
+
+
+# --- ROTATE -------------------------------------------------------------------------------------
+
+def _prepare_rotation(ctx: StageContext) -> list[Observation]:
+    settings, folder = ctx.settings.rotation, ctx.folder
+    if ROTATION_METADATA_KEY in ctx.model.metadata_props:
+        fail(f"{folder.model_file} is already rotated ({ctx.model.metadata_props[ROTATION_METADATA_KEY]}); "
+             "quantize the unrotated export or drop --include_rotation")
+    hidden = folder.hidden_size
+    if settings.hidden_size is not None and settings.hidden_size != hidden:
+        fail(f"--hidden_size {settings.hidden_size} differs from the model's hidden size {hidden}; drop it or pass {hidden}")
+    UntieEmbeddingsPass()(ctx.model)
+    return []
+
+
+def _build_rotation(ctx: StageContext) -> list[ir.passes.PassBase]:
+    settings, folder = ctx.settings.rotation, ctx.folder
+    config = load_rotation_config(settings.config_path, folder.model_type, folder.num_layers)
+    pairs = resolve_pairs(config, ctx.model.graph)
+    rotation = rotation_matrix(folder.hidden_size, settings.random_hadamard, settings.seed)
+    description = {"R1": folder.hidden_size, "matrix": rotation.kind, "seed": settings.seed, "config": config.source}
+    return [FoldNormIntoReadersPass(pairs), RotateR1Pass(pairs, rotation.matrix, description)]
+
+
+# --- SMOOTH -------------------------------------------------------------------------------------
+
+# Per-sample channel extrema for one-pass SmoothQuant + QDQ calibration cost 8 bytes per channel
+# per sample; above this budget the quantizer calibrates the smoothed model a second time instead.
+ONE_PASS_BUDGET_BYTES = 512 * 1024 * 1024
+
+
+def _plan(ctx: StageContext) -> QuantPlan:
+    return plan_quantization(ctx.model.graph, ctx.settings.scheme)
+
+
+def _prepare_smoothing(ctx: StageContext) -> list[Observation]:
+    # Untying changes no activation, so the statistics can come from the model file as it is.
+    UntieEmbeddingsPass()(ctx.model)
+    plan = _plan(ctx)
+    targets = fold_targets(ctx.model.graph, plan.activations)
+    if not targets:
+        fail(f"--include_sq: {ctx.folder.model_file} has no MatMul with a constant weight left to smooth "
+             "(check --exclude); drop --include_sq")
+    settings = ctx.settings
+    channels = sum(constant_weight(nodes_by_name(ctx.model.graph)[readers[0]]).shape[0]
+                   for readers in plan.activations.values())
+    one_pass = (not settings.skip_quantization and not settings.scheme.weight_only
+                and settings.scheme.calibration.method == "minmax"
+                and all(target.kind != "mul" for target in targets)
+                and 8 * channels * len(ctx.samples) <= ONE_PASS_BUDGET_BYTES)
+    observers = {target.activation: ChannelExtremaRecorder() if one_pass else ChannelAbsMaxObserver() for target in targets}
+    ctx.state.update(targets=targets, observers=observers, one_pass=one_pass)
+    return list(observers.items())
+
+
+def _weight_row_absmax(graph: ir.Graph, readers: tuple[str, ...]) -> np.ndarray:
+    by_name = nodes_by_name(graph)
+    return np.max([read_initializer(constant_weight(by_name[name]), lambda a: np.abs(a).max(axis=1)) for name in readers],
+                  axis=0)
+
+
+def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
+    targets, observers = ctx.state["targets"], ctx.state["observers"]
+    alpha = ctx.settings.sq_alpha
+    scales = {t.activation: target_scales(t, observers[t.activation].absmax, _weight_row_absmax(ctx.model.graph, t.readers), alpha)
+              for t in targets}
+    ctx.report.smoothed = len(targets)
+    if ctx.state["one_pass"]:
+        calibration = ctx.settings.scheme.calibration
+        ctx.ranges = {name: recorder.replay(make_range_observer(calibration), scales[name]).range()
+                      for name, recorder in observers.items()}
+    fold = FoldChannelScalesPass(targets, scales)
+    ctx.state["fold"] = fold
+    return [fold]
+
+
+# --- QUANTIZE -----------------------------------------------------------------------------------
+
+def _prepare_quantization(ctx: StageContext) -> list[Observation]:
+    UntieEmbeddingsPass()(ctx.model)
+    scheme = ctx.settings.scheme
+    unmatched = unmatched_patterns(ctx.model.graph, scheme)
+    if unmatched:
+        fail(f"node pattern {unmatched[0]!r} (--exclude / --int8_nodes) matches no MatMul or embedding in "
+             f"{ctx.folder.model_file}; check the node name")
+    plan = _plan(ctx)
+    ctx.state["plan"] = plan
+    observations: list[Observation] = []
+    if not scheme.weight_only and (ctx.ranges is None or set(ctx.ranges) != set(plan.activations)):
+        ctx.state["range_observers"] = {name: make_range_observer(scheme.calibration) for name in plan.activations}
+        observations += list(ctx.state["range_observers"].items())
+    if scheme.algo in ("gptq", "awq"):
+        ctx.state["hessians"] = {name: HessianObserver() for name in plan.activations}
+        observations += list(ctx.state["hessians"].items())
+    if scheme.algo == "awq":
+        ctx.state["mean_abs"] = {name: ChannelMeanAbsObserver() for name in plan.activations}
+        observations += list(ctx.state["mean_abs"].items())
+    return observations
+
+
+class _HessianRounder:
+    """Rounds each planned weight with GPTQ (or H-weighted clip search) from its input's Hessian,
+    divided by any AWQ scales that were folded into that input."""
+
+    def __init__(self, hessians: dict[str, np.ndarray], reader_input: dict[str, str], settings: GPTQSettings, gptq: bool):
+        self.hessians = hessians
+        self.reader_input = reader_input
+        self.settings = settings
+        self.gptq = gptq
+
+    def __call__(self, node_name: str, weight: np.ndarray, spec: QuantSpec):
+        hessian = self.hessians.get(self.reader_input.get(node_name))
+        if hessian is None:
+            return nearest_rounder(node_name, weight, spec)
+        if self.gptq:
+            return gptq_round(weight, hessian, spec, self.settings)
+        return clip_search(weight, spec, np.diag(hessian))
+
+
+def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
+    scheme, plan = ctx.settings.scheme, ctx.state["plan"]
+    passes: list[ir.passes.PassBase] = []
+    ranges = ctx.ranges or {}
+    if "range_observers" in ctx.state:
+        ranges = {name: observer.range() for name, observer in ctx.state["range_observers"].items()}
+    rounder = nearest_rounder
+    if scheme.clip_search and scheme.algo == "rtn":
+        rounder = lambda name, weight, spec: clip_search(weight, spec)  # noqa: E731
+    if scheme.algo in ("gptq", "awq"):
+        hessians = {name: observer.sum.astype(np.float64) for name, observer in ctx.state.pop("hessians").items()}
+        if scheme.algo == "awq":
+            passes.append(_awq_pass(ctx, plan, hessians))
+        reader_input = {reader: activation for activation, readers in plan.activations.items() for reader in readers}
+        rounder = _HessianRounder(hessians, reader_input, ctx.settings.gptq, gptq=scheme.algo == "gptq")
+    description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}
+    quantize = QuantizeGraphPass(plan, ranges, description, rounder, scheme.accuracy_level)
+    ctx.state["quantize"] = quantize
+    return passes + [quantize]
+
+
+def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.ndarray]) -> FoldChannelScalesPass:
+    """AWQ scales for every group whose producer can absorb them; Hessians rescaled to match."""
+    graph = ctx.model.graph
+    by_name = nodes_by_name(graph)
+    targets = [t for t in fold_targets(graph, plan.activations) if t.kind != "mul"]
+    scales = {}
+    for target in tqdm(targets, desc="awq search", unit="group", leave=False):
+        weights = [constant_weight(by_name[name]).const_value.numpy() for name in target.readers]
+        specs = [plan.nodes[name].weights for name in target.readers]
+        s, alpha = awq_scales(target, weights, specs, hessians[target.activation], ctx.state["mean_abs"][target.activation].mean)
+        scales[target.activation] = s
+        ctx.report.awq_alphas.append(alpha)
+        hessians[target.activation] = hessians[target.activation] / np.outer(s, s)
+    return FoldChannelScalesPass(targets, scales)
+
+
+ROTATE = Stage("rotate", lambda s: s.rotation is not None, _prepare_rotation, _build_rotation, checkpoint=True)
+SMOOTH = Stage("smooth", lambda s: s.sq_alpha is not None, _prepare_smoothing, _build_smoothing, checkpoint=True)
+QUANTIZE = Stage("quantize", lambda s: not s.skip_quantization, _prepare_quantization, _build_quantization, checkpoint=False)
+RECIPE = (ROTATE, SMOOTH, QUANTIZE)
+
+
+def _user_error_in(exc: BaseException) -> UserError | None:
+    while exc is not None:
+        if isinstance(exc, UserError):
+            return exc
+        exc = exc.__cause__
+    return None
+
+
+def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> None:
+    """Run passes in order; a user error raised inside one reaches the CLI as itself."""
+    try:
+        ir.passes.Sequential(*passes)(model)
+    except (ir.passes.PassError, ir.passes.PreconditionError) as exc:
+        user_error = _user_error_in(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise
+
+
+def save_model(model: ir.Model, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, path, external_data=path.name + ".data")
+
+
+def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSettings, samples: np.ndarray | None,
+                   scratch: Path, recipe: tuple[Stage, ...] = RECIPE) -> QuantizeReport:
+    """Run the recipe's stages on `folder`'s model and write the result to `output_model`."""
+    report = QuantizeReport()
+    start = time.perf_counter()
+    model = ir.load(folder.model_file)
+    if QUANT_METADATA_KEY in model.metadata_props:
+        fail(f"{folder.model_file} is already quantized ({model.metadata_props[QUANT_METADATA_KEY]}); "
+             "pass the float export instead")
+    ctx = StageContext(model, folder.model_file, folder, settings, samples, report)
+    for number, stage in enumerate(s for s in recipe if s.applies(settings)):
+        ctx.state = {}
+        observations = stage.prepare(ctx)
+        if observations:
+            run = run_calibration(ctx.model_path, token_sample_reader(ctx.model_path, folder, samples), observations,
+                                  desc=f"calibration ({stage.name})")
+            report.calibration_seconds += run.seconds
+            report.calibration_passes += 1
+        run_passes(ctx.model, stage.build(ctx))
+        if "fold" in ctx.state:
+            report.inserted_muls += ctx.state["fold"].inserted_muls
+        if "quantize" in ctx.state:
+            report.quantized_nodes = ctx.state["quantize"].quantized_nodes
+        if stage.checkpoint:
+            previous = ctx.model_path.parent if ctx.model_path.parent.parent == scratch else None
+            ctx.model_path = scratch / f"stage{number}-{stage.name}" / "model.onnx"
+            save_model(ctx.model, ctx.model_path)
+            ctx.model = ir.load(ctx.model_path)
+            if previous is not None:
+                shutil.rmtree(previous)  # the reloaded model no longer reads it
+    save_model(ctx.model, output_model)
+    report.seconds = time.perf_counter() - start
+    return report
