@@ -16,7 +16,7 @@ def _replace_output(graph: ir.Graph, gather: ir.Node, new_nodes: list[ir.Node]) 
     graph.insert_before(gather, new_nodes)
     last = new_nodes[-1].outputs[0]
     output = gather.outputs[0]
-    output.replace_all_uses_with(last)
+    output.replace_all_uses_with(last, replace_graph_outputs=True)
     last.dtype, last.shape = output.dtype, output.shape
     old_name = output.name
     graph.remove(gather, safe=True)

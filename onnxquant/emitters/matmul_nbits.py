@@ -74,7 +74,7 @@ def emit_matmul_nbits(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -
     graph.insert_before(matmul, node)
     output = matmul.outputs[0]
     node.outputs[0].dtype, node.outputs[0].shape = output.dtype, output.shape
-    output.replace_all_uses_with(node.outputs[0])
+    output.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
     old_name = output.name
     graph.remove(matmul, safe=True)
     node.outputs[0].name = old_name
