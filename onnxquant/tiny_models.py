@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+from onnxquant.resources import model_recipe_dir
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
 def recipe_path(name: str) -> Path:
-    return MODELS_DIR / f"{name}.json"
+    return model_recipe_dir() / f"{name}.json"
 
 
 def byte_level_tokenizer():

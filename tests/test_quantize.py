@@ -9,10 +9,11 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from onnxquant.calibration import MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver, run_calibration
 from onnxquant.genai_folder import open_genai_folder
-from onnxquant.passes import InsertQDQPass
-from onnxquant.passes.insert_qdq import plan_quantization
+from onnxquant.passes import QuantizeGraphPass
+from onnxquant.plan import plan_quantization
 from onnxquant.runtime import make_session
-from onnxquant.schemes import SCHEMES, quant_params
+from onnxquant.schemes import SCHEMES
+from onnxquant.spec import quant_params
 from onnxquant.validate import eval_windows, evaluate_perplexity
 
 from conftest import assert_user_error, run_module
@@ -36,7 +37,7 @@ def test_minmax_keeps_extremes():
 def test_percentile_clips_a_lone_outlier():
     observer = PercentileObserver(99.0)
     data = np.concatenate([np.linspace(-1, 1, 10_000), [50.0]]).astype(np.float32)
-    observer.update({"raw": data})
+    observer.update({"values": data})
     low, high = observer.range()
     assert low == pytest.approx(-1.0, abs=0.05) and high == pytest.approx(1.0, abs=0.05)
 
@@ -77,9 +78,9 @@ def test_per_tensor_scales_are_max_abs_over_127_on_a_toy_graph(tmp_path):
     assert observers["x"].range() == pytest.approx((every_x.min(), every_x.max()))
 
     model = ir.load(path)
-    plan = plan_quantization(model.graph)
+    plan = plan_quantization(model.graph, SCHEMES["INT8_SYMMETRIC_ACT"])
     assert plan.activations == {"x": ["/toy/MatMul"]}
-    InsertQDQPass(SCHEMES["INT8_SYMMETRIC_ACT"], plan, {"x": observers["x"].range()})(model)
+    QuantizeGraphPass(plan, {"x": observers["x"].range()}, {"config": "INT8_SYMMETRIC_ACT"})(model)
     inits = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
     assert inits["x/act_scale"] == pytest.approx(np.abs(every_x).max() / 127)
     assert inits["w_scale"] == pytest.approx(np.abs(weight).max() / 127)
@@ -200,8 +201,7 @@ def test_exclude_that_matches_nothing(tiny_input, tmp_path, calib_text_path):
 def test_pair_safe_weight_grid_keeps_adjacent_pairs_within_128():
     """INT8_PER_CHANNEL's grid: no two adjacent input rows of a column sum past 128 in |int8|,
     so ORT's u8 x s8 AVX2 kernel (int16 pair sums) cannot saturate with uint8 activations."""
-    from onnxquant.passes.insert_qdq import weight_bound
-    from onnxquant.schemes import quantize_array
+    from onnxquant.spec import quantize_array, weight_bound
 
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((64, 8)).astype(np.float32)

@@ -72,9 +72,9 @@ def test_config_naming_a_missing_node(tiny_models, tmp_path, calib_text_path):
 
 
 def test_config_that_misses_a_reader(tiny_models, tmp_path, calib_text_path):
-    from onnxquant.rotation_config import CONFIG_DIR
+    from onnxquant.resources import rotation_config_dir
 
-    config = json.loads((CONFIG_DIR / "llama.json").read_text())
+    config = json.loads((rotation_config_dir() / "llama.json").read_text())
     config["R1_pairs"][2]["next_nodes"] = ["/model/layers.{i}/mlp/gate_proj/MatMul"]
     path = tmp_path / "partial.json"
     path.write_text(json.dumps(config))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from onnxquant.data import tokenize
-from onnxquant.passes.smooth_quant import smoothing_scales
+from onnxquant.algorithms.smooth_quant import smoothing_scales
 
 from conftest import assert_user_error, float_pass_run, prefill_logits, relative_logit_error
 
@@ -68,13 +68,14 @@ def _activation_scales(folder):
 def test_one_pass_smoothquant_ranges_equal_a_second_calibration(tiny_models, tmp_path, calib_text_path, monkeypatch):
     """The quantizer's ranges derived from per-sample channel extrema equal those a second ORT
     pass over the smoothed model observes (moving average, so the sample order matters too)."""
+    import onnxquant.pipeline as pipeline
     import onnxquant.quantize as quantize
 
     source = tiny_models.onnx("tiny-llama-96")
     flags = ["--input_model_path", str(source), "--calib_data", str(calib_text_path), "--num_calib_data", "6",
              "--seq_len", "128", "--use_moving_average", "--moving_average_constant", "0.3", "--include_sq"]
     assert quantize.main([*flags, "--output_model_path", str(tmp_path / "one")]) == 0
-    monkeypatch.setattr(quantize, "ONE_PASS_BUDGET_BYTES", 0)
+    monkeypatch.setattr(pipeline, "ONE_PASS_BUDGET_BYTES", 0)
     assert quantize.main([*flags, "--output_model_path", str(tmp_path / "two")]) == 0
     one, two = _activation_scales(tmp_path / "one"), _activation_scales(tmp_path / "two")
     assert len(one) >= 5 and one.keys() == two.keys()

@@ -37,10 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxquant.data import read_text_file, tokenize
+from onnxquant.data import calibration_windows, read_text_file, tokenize
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import GenAIFolder, open_genai_folder
-from onnxquant.quantize import calibration_windows
 from onnxquant.runtime import input_specs, make_session, prefill_feeds, usable_cores
 from onnxquant.schemes import SCHEMES
 
@@ -187,7 +186,7 @@ class Bench:
     def __init__(self, args, float_folder: GenAIFolder):
         self.args = args
         self.float_folder = float_folder
-        self.samples = calibration_windows(float_folder, read_text_file(args.calib_data), args.num_calib_data, args.seq_len)
+        self.samples = calibration_windows(float_folder.path, read_text_file(args.calib_data), args.num_calib_data, args.seq_len)
         eval_ids = tokenize(float_folder.path, read_text_file(args.eval_data))
         self.prefill_ids = eval_ids[: args.prefill_tokens]
         self.prompt = eval_ids[: 128]
