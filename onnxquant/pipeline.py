@@ -180,7 +180,7 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
     scheme = ctx.settings.scheme
     unmatched = unmatched_patterns(ctx.model.graph, scheme)
     if unmatched:
-        fail(f"node pattern {unmatched[0]!r} (--exclude / --int8_nodes) matches no MatMul or embedding in "
+        fail(f"--exclude / --int8_nodes pattern {unmatched[0]!r} matches no node (MatMul or embedding) in "
              f"{ctx.folder.model_file}; check the node name")
     plan = _plan(ctx)
     ctx.state["plan"] = plan
@@ -226,7 +226,7 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
     if scheme.clip_search and scheme.algo == "rtn":
         rounder = lambda name, weight, spec: clip_search(weight, spec)  # noqa: E731
     if scheme.algo in ("gptq", "awq"):
-        hessians = {name: observer.sum.astype(np.float64) for name, observer in ctx.state.pop("hessians").items()}
+        hessians = {name: observer.sum for name, observer in ctx.state.pop("hessians").items()}  # float32 until used
         if scheme.algo == "awq":
             passes.append(_awq_pass(ctx, plan, hessians))
         reader_input = {reader: activation for activation, readers in plan.activations.items() for reader in readers}
@@ -249,7 +249,7 @@ def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.ndarray
         s, alpha = awq_scales(target, weights, specs, hessians[target.activation], ctx.state["mean_abs"][target.activation].mean)
         scales[target.activation] = s
         ctx.report.awq_alphas.append(alpha)
-        hessians[target.activation] = hessians[target.activation] / np.outer(s, s)
+        hessians[target.activation] = (hessians[target.activation] / np.outer(s, s)).astype(np.float32)
     return FoldChannelScalesPass(targets, scales)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.linalg
 
 from onnxquant.algorithms.rtn import clip_search
-from onnxquant.spec import QuantizedWeight, QuantSpec, padded_blocks, quantize_array, round_to_nearest
+from onnxquant.spec import QuantizedWeight, QuantSpec, padded_blocks, round_to_nearest
 
 
 @dataclass(frozen=True)
@@ -51,32 +51,34 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, setting
     h[dead, dead] = 1.0
     w[dead] = 0.0
     grid = clip_search(w.astype(np.float32), spec, np.diag(h)) if settings.clip_search else round_to_nearest(w.astype(np.float32), spec)
-    if spec.granularity == "per_block":
-        block_of = np.arange(k) // spec.block_size
-        row_scale = grid.scale[:, block_of].T.astype(np.float64)  # [K, N]
-        row_zero = grid.zero_point[:, block_of].T.astype(np.float64)
-    else:
-        row_scale = np.broadcast_to(np.asarray(grid.scale, np.float64), (k, n))
-        row_zero = np.broadcast_to(np.asarray(grid.zero_point, np.float64), (k, n))
     order = np.argsort(-np.diag(h), kind="stable") if settings.act_order else np.arange(k)
+    if spec.granularity == "per_block":
+        # Scale and zero point of each (processed) row's block: [blocks, N] indexed per row.
+        block_scale, block_zero = grid.scale.T.astype(np.float64), grid.zero_point.T.astype(np.float64)
+        row_block = (order // spec.block_size)
+    else:
+        block_scale = np.broadcast_to(np.asarray(grid.scale, np.float64), (n,))[None, :]
+        block_zero = np.broadcast_to(np.asarray(grid.zero_point, np.float64), (n,))[None, :]
+        row_block = np.zeros(k, dtype=np.int64)
     w, h = w[order], h[np.ix_(order, order)]
-    row_scale, row_zero = row_scale[order], row_zero[order]
     hinv = _inverse_cholesky(h, settings.damp)
-    codes = np.zeros((k, n), dtype=np.float64)
+    del h
+    codes = np.zeros((k, n), dtype=spec.numpy_dtype)
     for start in range(0, k, settings.batch):
         end = min(start + settings.batch, k)
         block = w[start:end].copy()
         errors = np.zeros_like(block)
         for i in range(end - start):
             row = start + i
-            q = np.clip(np.rint(block[i] / row_scale[row]) + row_zero[row], spec.qmin, spec.qmax)
+            scale, zero = block_scale[row_block[row]], block_zero[row_block[row]]
+            q = np.clip(np.rint(block[i] / scale) + zero, spec.qmin, spec.qmax)
             codes[row] = q
-            error = (block[i] - (q - row_zero[row]) * row_scale[row]) / hinv[row, row]
+            error = (block[i] - (q - zero) * scale) / hinv[row, row]
             block[i:] -= np.outer(hinv[row, row:end], error)
             errors[i] = error
         w[end:] -= hinv[start:end, end:].T @ errors
     inverse_order = np.argsort(order)
-    codes = codes[inverse_order].astype(spec.numpy_dtype)
+    codes = codes[inverse_order]
     if spec.granularity != "per_block":
         return QuantizedWeight(codes, grid.scale, grid.zero_point, spec, k)
     # Back to MatMulNBits' [N, blocks, block] layout; padded rows hold the zero point (value 0).
