@@ -51,6 +51,15 @@ class Recipe:
     name: str
     meaning: str
     flags: tuple[str, ...] | None  # None: the float model itself
+    peer: str | None = None  # tools/peers.py quantizer run instead of onnxquant.quantize (flags are its options)
+
+    @property
+    def series(self) -> str:
+        if self.flags is None:
+            return "float"
+        if self.peer is not None:
+            return "peers (ORT, ORT-GenAI builder)"
+        return "onnxquant W4A16" if "--block_size" in self.flags else "onnxquant W8A8"
 
     @property
     def uses_sq(self) -> bool:
@@ -73,6 +82,24 @@ RECIPES = {r.name: r for r in (
     Recipe("int8_symact", "INT8_SYMMETRIC_ACT (signed symmetric activations), moving average", _q("INT8_SYMMETRIC_ACT")),
     Recipe("int8_symact_pc+r1+sq", "INT8_SYMMETRIC_ACT_PER_CHANNEL + R1 + SmoothQuant",
            _q("INT8_SYMMETRIC_ACT_PER_CHANNEL", R1, SQ)),
+    *(Recipe(f"w4{suffix}_b{block}", f"{what}, block {block}, every MatMul and the embedding at 4 bits",
+             ("--config", scheme, "--block_size", str(block), *algo))
+      for block in (128, 32)
+      for suffix, what, scheme, algo in (
+          ("_rtn", "UINT4_PER_GROUP_ASYM, round to nearest", "UINT4_PER_GROUP_ASYM", ()),
+          ("_rtn_sym", "INT4_PER_GROUP_SYM, round to nearest", "INT4_PER_GROUP_SYM", ()),
+          ("_awq", "UINT4_PER_GROUP_ASYM + AWQ", "UINT4_PER_GROUP_ASYM", ("--algo", "awq")),
+          ("_gptq", "UINT4_PER_GROUP_ASYM + GPTQ", "UINT4_PER_GROUP_ASYM", ("--algo", "gptq")),
+          ("_gptq_8bit_ends", "UINT4_PER_GROUP_ASYM + GPTQ, lm_head and embedding at 8 bits",
+           "UINT4_PER_GROUP_ASYM", ("--algo", "gptq", "--int8_nodes", "lm_head", "--int8_nodes", "embed_tokens")))),
+    *(Recipe(f"peer_{peer}_b{block}", what + f", block {block}", ("--block_size", str(block)), peer=peer)
+      for block in (128, 32)
+      for peer, what in (("ort_rtn_asym", "ORT MatMulNBitsQuantizer RTN asymmetric"),
+                         ("ort_rtn_sym", "ORT MatMulNBitsQuantizer RTN symmetric"),
+                         ("ort_hqq", "ORT MatMulNBitsQuantizer HQQ"),
+                         ("builder_int4", "ORT-GenAI builder -p int4 (RTN)"))),
+    Recipe("peer_builder_k_quant_mixed_b32", "ORT-GenAI builder -p int4 algo_config=k_quant_mixed, block 32",
+           ("--block_size", "32", "--algo", "k_quant_mixed"), peer="builder_int4"),
 )}
 
 
@@ -98,6 +125,8 @@ class Row:
         def fmt(value, spec):
             return "–" if value is None else format(value, spec)
 
+        if self.extra.get("crashed"):
+            return [self.config, "crashed", "–", "–", "–", "–", "–", "–", self.extra["summary"].replace("|", "/")]
         return [self.config, f"{self.ppl:.4f}", f"{self.delta_pct:+.2f}", fmt(self.quant_s, ".1f"),
                 fmt(self.quant_vs_floor, ".2f"), fmt(self.peak_rss_mb, ".0f"), f"{self.size_mb:.1f}",
                 f"{self.prefill_ms:.0f}", f"{self.decode_tok_s:.1f}"]
@@ -107,6 +136,10 @@ def markdown_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
     return "\n".join(lines)
+
+
+class ChildFailed(RuntimeError):
+    """A quantizer or validator child process exited non-zero."""
 
 
 def run_child(args: list[str], log: Path) -> tuple[float, float, str]:
@@ -119,7 +152,8 @@ def run_child(args: list[str], log: Path) -> tuple[float, float, str]:
     process.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - start
     if process.returncode != 0:
-        sys.exit(f"error: `python {' '.join(args)}` failed with exit code {process.returncode}; see {log}")
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        raise ChildFailed(f"exit {process.returncode}: {tail[0][:160]} (log {log})")
     return seconds, usage.ru_maxrss / 1024, stdout
 
 
@@ -207,13 +241,22 @@ class Bench:
         self.speed(self.float_folder, row)
         return row
 
-    def measure(self, label: str, flags: tuple[str, ...], blocks: int) -> Row:
+    def measure(self, label: str, flags: tuple[str, ...], blocks: int, peer: str | None = None) -> Row:
         out = self.args.workdir / label.replace("+", "_")
-        quant_s, rss_mb, stdout = run_child(
-            ["-m", "onnxquant.quantize", "--input_model_path", str(self.float_folder.model_file),
-             "--output_model_path", str(out / "model.onnx"), "--num_calib_data", str(self.args.num_calib_data),
-             "--seq_len", str(self.args.seq_len), "--calib_data", str(self.args.calib_data), "--overwrite", *flags],
-            self.args.workdir / f"{out.name}.quantize.log")
+        if peer is not None:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+            command = [str(Path(__file__).resolve().parent / "peers.py"), peer, "--input", str(self.float_folder.path),
+                       "--output", str(out), *flags]
+        else:
+            command = ["-m", "onnxquant.quantize", "--input_model_path", str(self.float_folder.model_file),
+                       "--output_model_path", str(out / "model.onnx"), "--num_calib_data", str(self.args.num_calib_data),
+                       "--seq_len", str(self.args.seq_len), "--calib_data", str(self.args.calib_data), "--overwrite", *flags]
+        try:
+            quant_s, rss_mb, stdout = run_child(command, self.args.workdir / f"{out.name}.quantize.log")
+        except ChildFailed as exc:
+            return Row(label, float("nan"), float("nan"), extra={"summary": f"crashed: {exc}", "crashed": True})
         folder = open_genai_folder(out)
         ppl = perplexity(out, self.args, blocks, self.args.workdir / f"{out.name}.validate.log")
         row = Row(label, ppl, 100 * (ppl / self.float_ppl - 1), quant_s, quant_s / self.floor_s, rss_mb)
@@ -240,10 +283,21 @@ def write_plot(rows: list[Row], path: Path, title: str) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[plot]'); no plot written")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        ax.scatter(row.size_mb, row.ppl, color="tab:gray" if row.config == "float" else "tab:blue")
-        ax.annotate(row.config, (row.size_mb, row.ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = {"float": "tab:gray", "onnxquant W8A8": "tab:blue", "onnxquant W4A16": "tab:green",
+              "peers (ORT, ORT-GenAI builder)": "tab:red"}
+    shown = [row for row in rows if not row.extra.get("crashed") and np.isfinite(row.ppl)]
+    for series, color in colors.items():
+        members = [row for row in shown if RECIPES[row.config.split("@")[0]].series == series]
+        if members:
+            ax.scatter([r.size_mb for r in members], [r.ppl for r in members], color=color, label=series, s=22)
+    # Points of one size stack up: spread their labels vertically so they stay legible.
+    for index, row in enumerate(sorted(shown, key=lambda r: (round(r.size_mb), r.ppl))):
+        same_size = [r for r in shown if abs(r.size_mb - row.size_mb) < 3]
+        offset = 10 * same_size.index(row) - 5 * (len(same_size) - 1)
+        ax.annotate(row.config, (row.size_mb, row.ppl), textcoords="offset points", xytext=(6, offset), fontsize=6.5)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
     ax.set_xlabel("model size on disk (MB)")
     ax.set_ylabel("wikitext-2 perplexity (lower is better)")
     ax.set_title(title, fontsize=9)
@@ -251,6 +305,24 @@ def write_plot(rows: list[Row], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")
+
+
+def isa_flags() -> str:
+    """The CPU features ORT's integer kernels depend on (AVX2 alone saturates u8 x s8 pair sums)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return " ".join(flag for flag in wanted if flag in flags) or "none of avx2/avx512/vnni/amx"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def cpu_name() -> str:
@@ -305,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.configs:
         if name == "float":
             continue
-        rows.append(bench.measure(name, RECIPES[name].flags, args.blocks))
+        rows.append(bench.measure(name, RECIPES[name].flags, args.blocks, RECIPES[name].peer))
         print(markdown_table(rows[-1:]).splitlines()[-1], rows[-1].extra["summary"], flush=True)
 
     sweep_rows: list[Row] = []
@@ -326,10 +398,10 @@ def main(argv: list[str] | None = None) -> None:
                     sweep_rows.append(bench.measure(label, RECIPES[name].flags + ("--sq_alpha", str(alpha)), sweep_blocks))
                 print(markdown_table(sweep_rows[-1:]).splitlines()[-1], flush=True)
 
-    machine = f"{usable_cores()} CPU cores ({cpu_name()}), {platform.system()} {platform.machine()}"
+    machine = f"{usable_cores()} CPU cores ({cpu_name()}; ISA: {isa_flags()}), {platform.system()} {platform.machine()}"
     command = "python tools/benchmark.py " + " ".join(sys.argv[1:])
     heading = (f"Model: {float_folder.path} ({float_folder.config['model']['type']}, hidden {float_folder.hidden_size}, "
-               f"{float_folder.num_layers} layers). Machine: {machine}.\n"
+               f"{float_folder.num_layers} layers). Machine: {machine}. Commit: {git_commit()}.\n"
                f"Calibration: {args.num_calib_data} x {args.seq_len} tokens of {args.calib_data.name}; "
                f"calibration floor {bench.floor_s:.1f} s. Evaluation: first {args.blocks} blocks x {args.block_size} "
                f"of {args.eval_data.name}.\nCommand: `{command}`")

@@ -1,0 +1,78 @@
+"""Peer quantizers that ship with onnxquant's own dependencies, each writing an ORT-GenAI folder so
+onnxquant's validator measures it the same way:
+
+    python tools/peers.py ort_rtn_asym|ort_rtn_sym|ort_hqq --input FLOAT_FOLDER --output OUT [--block_size 128]
+    python tools/peers.py builder_int4 --gguf FILE_OR_EMPTY --output OUT [--block_size 128] [--algo default|k_quant_mixed]
+
+ort_*: onnxruntime.quantization.MatMulNBitsQuantizer on the float export (RTN asymmetric,
+RTN symmetric, HQQ), 4 bits, default accuracy level. builder_int4: the ORT-GenAI model builder's
+`-p int4` from the Hugging Face checkpoint (the embedded SmolLM2 GGUF when --gguf is empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from onnxquant.errors import run_cli
+from onnxquant.genai_folder import copy_sidecar_files, open_genai_folder
+from onnxquant.staging import staged_output_dir
+
+PEERS = ("ort_rtn_asym", "ort_rtn_sym", "ort_hqq", "builder_int4")
+
+
+def ort_quantize(kind: str, source: Path, output: Path, block_size: int) -> None:
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    folder = open_genai_folder(source)
+    model = onnx.load(str(folder.model_file))
+    if kind == "ort_hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)
+    else:
+        config = mnq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=kind == "ort_rtn_sym")
+    quantizer = mnq.MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=kind == "ort_rtn_sym", algo_config=config)
+    quantizer.process()
+    with staged_output_dir(output) as staging:
+        quantizer.model.save_model_to_file(str(staging / "model.onnx"), use_external_data_format=True)
+        copy_sidecar_files(folder, staging)
+
+
+def builder_int4(gguf: str, output: Path, block_size: int, algo: str) -> None:
+    from onnxquant.checkpoint import gguf_to_hf_folder, resolve_model_source
+
+    source = resolve_model_source(gguf or None)
+    with staged_output_dir(output) as staging, tempfile.TemporaryDirectory() as work:
+        hf = Path(work) / "hf"
+        if source.kind == "gguf":
+            gguf_to_hf_folder(source.path, hf)
+        else:
+            hf = source.path
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(staging), "-p", "int4",
+                   "-e", "cpu", "-c", str(Path(work) / "cache"), "--extra_options", f"int4_block_size={block_size}"]
+        if algo != "default":
+            command.append(f"int4_algo_config={algo}")
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("peer", choices=PEERS)
+    parser.add_argument("--input", type=Path, help="float ORT-GenAI folder (ort_*)")
+    parser.add_argument("--gguf", default="", help="GGUF or HF folder for builder_int4 (default: the embedded model)")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--algo", default="default", help="builder_int4: int4_algo_config")
+    args = parser.parse_args(argv)
+    if args.peer == "builder_int4":
+        builder_int4(args.gguf, args.output, args.block_size, args.algo)
+    else:
+        ort_quantize(args.peer, args.input, args.output, args.block_size)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
