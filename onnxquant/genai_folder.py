@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass
@@ -86,8 +87,13 @@ def open_genai_folder(path: str | Path) -> GenAIFolder:
     return result
 
 
-def copy_sidecar_files(source: GenAIFolder, destination: Path) -> None:
-    """Copy genai_config.json, tokenizer and chat-template files; not the ONNX model or its data."""
+def copy_sidecar_files(source: GenAIFolder, destination: Path, model_name: str | None = None) -> None:
+    """Copy genai_config.json, tokenizer and chat-template files; not the ONNX model or its data.
+    With `model_name` other than the source's, genai_config.json names that file instead."""
     for item in source.path.iterdir():
         if item.is_file() and item.suffix in SIDECAR_SUFFIXES:
             shutil.copy2(item, destination / item.name)
+    if model_name is not None and model_name != source.model_file.name:
+        config = copy.deepcopy(source.config)
+        config["model"]["decoder"]["filename"] = model_name
+        (destination / "genai_config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")

@@ -4,11 +4,22 @@ each other, the rotation-config loader or the CLI."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_ir as ir
 
 NORM_OPS = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"})
 QUANT_METADATA_KEY = "onnxquant.quantization"
 ROTATION_METADATA_KEY = "onnxquant.rotation"
+
+
+@dataclass(frozen=True)
+class ResolvedPair:
+    """One R1 pair as graph nodes: the writers of a residual stream, the RMSNorm between, its readers."""
+
+    prev_nodes: tuple[ir.Node, ...]
+    norm_node: ir.Node
+    next_nodes: tuple[ir.Node, ...]
 
 
 def is_initializer(value: ir.Value | None) -> bool:

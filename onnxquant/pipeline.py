@@ -76,6 +76,20 @@ class QuantizeReport:
     calibration_passes: int = 0
     seconds: float = 0.0
 
+    def summary(self, settings: QuantizeSettings, peak_rss_mb: float, size_mb: float) -> str:
+        """The one-line summary the CLI prints last."""
+        scheme = settings.scheme
+        config = "none(float)" if settings.skip_quantization else scheme.name
+        if scheme.weight_only and not settings.skip_quantization:
+            config += f" algo={scheme.algo}"
+        extras = " rotation=R1" if settings.rotation is not None else ""
+        if settings.sq_alpha is not None:
+            extras += f" smoothed={self.smoothed} sq_alpha={settings.sq_alpha} sq_inserted_muls={len(self.inserted_muls)}"
+        if self.calibration_passes and (settings.sq_alpha is not None or scheme.algo != "rtn"):
+            extras += f" calibration_passes={self.calibration_passes}"
+        return (f"quantized={self.quantized_nodes} nodes config={config} seconds={self.seconds:.1f} "
+                f"peak_rss_mb={peak_rss_mb:.0f} size_mb={size_mb:.1f}{extras}")
+
 
 @dataclass
 class StageContext:

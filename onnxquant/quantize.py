@@ -1,16 +1,11 @@
-"""`python -m onnxquant.quantize`: graph passes and calibrated quantization of an ORT-GenAI folder.
-
-Order: QuaRot R1 rotation (--include_rotation) -> SmoothQuant (--include_sq) -> quantization
-(INT8 QDQ, or 4-bit MatMulNBits with --algo rtn|awq|gptq). Flags follow AMD Quark's ONNX LLM
-example. The stages live in onnxquant.pipeline; this module only reads the command line.
-"""
+"""`python -m onnxquant.quantize`: QuaRot R1 (--include_rotation) -> SmoothQuant (--include_sq) ->
+INT8 QDQ, or 4-bit MatMulNBits (--algo rtn|awq|gptq), on an ORT-GenAI folder. Flags follow AMD Quark's
+ONNX LLM example; the stages live in onnxquant.pipeline, this module only reads the command line."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import json
 import resource
 import tempfile
 from pathlib import Path
@@ -59,13 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_calib_method(value: str) -> dict:
     if value == "minmax":
         return {"method": "minmax"}
-    number = value.partition("+")[2] if value.startswith("percentile") else "x"
+    head, _, number = value.partition("+")
     try:
-        percentile = float(number) if number else 99.999
+        percentile = float(number or 99.999) if head == "percentile" else -1.0
     except ValueError:
-        fail(f"--calib_method {value!r} is not minmax or percentile+<p> with p in (50, 100], e.g. percentile+99.999")
+        percentile = -1.0
     if not 50.0 < percentile <= 100.0:
-        fail(f"--calib_method {value!r}: the percentile must be a number in (50, 100], e.g. percentile+99.999")
+        fail(f"--calib_method {value!r} is not minmax or percentile+<p> with p in (50, 100], e.g. percentile+99.999")
     return {"method": "percentile", "percentile": percentile}
 
 
@@ -84,16 +79,12 @@ def settings_from_args(args) -> QuantizeSettings:
     if args.accuracy_level not in (0, 1, 2, 4):
         fail(f"--accuracy_level {args.accuracy_level} is not 0, 1, 2 or 4")
     block_size = args.block_size or scheme.weights.block_size
-    changes = {"algo": args.algo or scheme.algo, "accuracy_level": args.accuracy_level, "clip_search": args.clip_search}
-    if blocked:
-        changes["weights"] = dataclasses.replace(scheme.weights, block_size=block_size)
-        changes["embedding"] = dataclasses.replace(scheme.embedding, block_size=block_size)
+    scheme = scheme.with_block_size(block_size) if blocked else scheme
     overrides = [NodeOverride(p, uint8_blocks(block_size)) for p in args.int8_nodes] + [NodeOverride(p) for p in args.exclude]
-    scheme = dataclasses.replace(scheme, overrides=tuple(overrides), **changes)
-    rotation = None
-    if args.include_rotation:
-        rotation = RotationSettings(Path(args.r_config_path) if args.r_config_path else None, args.hidden_size,
-                                    args.use_random_had, args.seed)
+    scheme = dataclasses.replace(scheme, overrides=tuple(overrides), algo=args.algo or scheme.algo,
+                                 accuracy_level=args.accuracy_level, clip_search=args.clip_search)
+    rotation = RotationSettings(Path(args.r_config_path) if args.r_config_path else None, args.hidden_size,
+                                args.use_random_had, args.seed) if args.include_rotation else None
     sq_alpha = None
     if args.include_sq:
         sq_alpha = scheme.sq_alpha if args.sq_alpha is None else args.sq_alpha
@@ -111,29 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(output_dir, [folder.path], args.overwrite)
     if args.num_calib_data < 1 or args.seq_len < 2:
         fail("--num_calib_data must be at least 1 and --seq_len at least 2")
-    samples = None
-    if settings.needs_calibration:
-        text = read_text_file(args.calib_data) if args.calib_data else load_hub_text(args.dataset, "validation")
-        samples = calibration_windows(folder.path, text, args.num_calib_data, args.seq_len)
+    samples = calibration_windows(folder.path, read_text_file(args.calib_data) if args.calib_data else load_hub_text(
+        args.dataset, "validation"), args.num_calib_data, args.seq_len) if settings.needs_calibration else None
     with staged_output_dir(output_dir) as staging, tempfile.TemporaryDirectory(
             prefix=".onnxquant-scratch-", dir=output_dir.absolute().parent) as scratch:
         report = quantize_model(folder, staging / output_name, settings, samples, Path(scratch))
-        copy_sidecar_files(folder, staging)
-        if output_name != folder.model_file.name:
-            config = copy.deepcopy(folder.config)
-            config["model"]["decoder"]["filename"] = output_name
-            (staging / "genai_config.json").write_text(json.dumps(config, indent=4), encoding="utf-8")
+        copy_sidecar_files(folder, staging, output_name)
     size_mb = sum(f.stat().st_size for f in output_dir.iterdir() if f.name.startswith(output_name)) / 1e6
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    extras = f" rotation=R1" if settings.rotation is not None else ""
-    if settings.sq_alpha is not None:
-        extras += f" smoothed={report.smoothed} sq_alpha={settings.sq_alpha} sq_inserted_muls={len(report.inserted_muls)}"
-    if report.calibration_passes and (settings.sq_alpha is not None or settings.scheme.algo != "rtn"):
-        extras += f" calibration_passes={report.calibration_passes}"
-    config_name = "none(float)" if settings.skip_quantization else settings.scheme.name
-    algo = f" algo={settings.scheme.algo}" if settings.scheme.weight_only and not settings.skip_quantization else ""
-    print(f"quantized={report.quantized_nodes} nodes config={config_name}{algo} seconds={report.seconds:.1f} "
-          f"peak_rss_mb={peak_rss_mb:.0f} size_mb={size_mb:.1f}{extras}")
+    print(report.summary(settings, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, size_mb))
     return 0
 
 

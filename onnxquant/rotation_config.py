@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxquant.errors import fail
-from onnxquant.patterns import (NORM_OPS, is_const_matmul, is_embedding_gather, matmul_bias, nodes_by_name,
+from onnxquant.patterns import (NORM_OPS, ResolvedPair, is_const_matmul, is_embedding_gather, matmul_bias, nodes_by_name,
                                 residual_inputs, writes_into)
 from onnxquant.resources import rotation_config_dir
 LAYER_SELECTORS = ("first", "rest", "all", "last")
@@ -82,13 +82,6 @@ def load_rotation_config(path: str | Path | None, model_type: str, num_layers: i
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         fail(f"rotation config {path} is not valid JSON ({exc})")
     return parse_rotation_config(data, str(path), num_layers)
-
-
-@dataclass(frozen=True)
-class ResolvedPair:
-    prev_nodes: tuple[ir.Node, ...]
-    norm_node: ir.Node
-    next_nodes: tuple[ir.Node, ...]
 
 
 def resolve_pairs(config: RotationConfig, graph: ir.Graph) -> list[ResolvedPair]:

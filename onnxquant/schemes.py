@@ -77,6 +77,13 @@ class QuantScheme:
     def weight_only(self) -> bool:
         return self.activations is None
 
+    def with_block_size(self, block_size: int) -> "QuantScheme":
+        """The same blocked scheme with another block size for the weights and the embedding."""
+        embedding = self.embedding
+        if embedding is not None and embedding.granularity == "per_block":
+            embedding = dataclasses.replace(embedding, block_size=block_size)
+        return dataclasses.replace(self, weights=dataclasses.replace(self.weights, block_size=block_size), embedding=embedding)
+
     def with_calibration(self, **changes) -> "QuantScheme":
         return dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, **changes))
 

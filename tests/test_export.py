@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import onnx
 
 from onnxquant.genai_folder import open_genai_folder
@@ -21,6 +23,7 @@ def test_qwen2_export_keeps_qkv_bias(tiny_models):
     assert any(n.op_type == "Add" and "qkv_proj" in n.name for n in graph.node)
 
 
+@pytest.mark.slow
 def test_embedded_smollm2_tokenizer_has_digit_rule_restored(smollm2_onnx):
     from tokenizers import Tokenizer
 
@@ -33,6 +36,7 @@ def test_embedded_smollm2_tokenizer_has_digit_rule_restored(smollm2_onnx):
     assert tokenizer.encode("a  2023", add_special_tokens=False).tokens == ["a", "ĠĠ", "2", "0", "2", "3"]
 
 
+@pytest.mark.slow
 def test_embedded_smollm2_export_shapes(smollm2_onnx):
     folder = open_genai_folder(smollm2_onnx)
     assert (folder.hidden_size, folder.num_layers, folder.num_heads, folder.num_kv_heads) == (576, 30, 9, 3)

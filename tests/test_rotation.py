@@ -107,6 +107,7 @@ def test_already_rotated_graph_is_refused(tiny_models, tmp_path, calib_text_path
     assert not (tmp_path / "rot2").exists()
 
 
+@pytest.mark.slow
 def test_rotated_smollm2_keeps_its_logits(smollm2_onnx, tmp_path, calib_text_path, test_text):
     result = float_pass_run(smollm2_onnx, tmp_path / "rot", calib_text_path, "--include_rotation")
     assert result.returncode == 0, result.stderr[-3000:]

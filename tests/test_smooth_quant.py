@@ -35,6 +35,7 @@ def test_excluded_reader_of_a_norm_gets_an_explicit_mul(tiny_models, tmp_path, c
     assert relative_logit_error(prefill_logits(source, ids), prefill_logits(tmp_path / "sq", ids)) < 1e-4
 
 
+@pytest.mark.slow
 def test_rotation_and_smoothquant_together_keep_smollm2_logits(smollm2_onnx, tmp_path, calib_text_path, test_text):
     result = float_pass_run(smollm2_onnx, tmp_path / "rsq", calib_text_path, "--include_rotation", "--include_sq")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -65,7 +66,7 @@ def _activation_scales(folder):
             if v.name.endswith("/act_scale")}
 
 
-def test_one_pass_smoothquant_ranges_equal_a_second_calibration(tiny_models, tmp_path, calib_text_path, monkeypatch):
+def test_one_pass_smoothquant_ranges_equal_a_second_calibration(tiny_models, tmp_path, calib_text_path, monkeypatch, capsys):
     """The quantizer's ranges derived from per-sample channel extrema equal those a second ORT
     pass over the smoothed model observes (moving average, so the sample order matters too)."""
     import onnxquant.pipeline as pipeline
@@ -75,8 +76,10 @@ def test_one_pass_smoothquant_ranges_equal_a_second_calibration(tiny_models, tmp
     flags = ["--input_model_path", str(source), "--calib_data", str(calib_text_path), "--num_calib_data", "6",
              "--seq_len", "128", "--use_moving_average", "--moving_average_constant", "0.3", "--include_sq"]
     assert quantize.main([*flags, "--output_model_path", str(tmp_path / "one")]) == 0
+    assert "calibration_passes=1" in capsys.readouterr().out
     monkeypatch.setattr(pipeline, "ONE_PASS_BUDGET_BYTES", 0)
     assert quantize.main([*flags, "--output_model_path", str(tmp_path / "two")]) == 0
+    assert "calibration_passes=2" in capsys.readouterr().out
     one, two = _activation_scales(tmp_path / "one"), _activation_scales(tmp_path / "two")
     assert len(one) >= 5 and one.keys() == two.keys()
     for name in one:

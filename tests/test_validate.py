@@ -15,6 +15,7 @@ def test_window_nll_matches_hand_computation():
     assert window_nll(logits, window) == pytest.approx(-(np.log(0.25) + np.log(0.1)) / 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-llama-96", "tiny-qwen2-96", "tiny-llama3-64"])
 def test_genai_perplexity_equals_torch_within_0_1_percent(tiny_models, test_text, name):
     folder = open_genai_folder(tiny_models.onnx(name))
@@ -40,6 +41,7 @@ def test_validate_cli_prints_summary_last(tiny_models, test_text_path):
     assert last.startswith("perplexity=") and "blocks=2 tokens=256 seconds=" in last
 
 
+@pytest.mark.slow
 def test_embedded_smollm2_two_blocks_match_torch(smollm2_onnx, test_text):
     folder = open_genai_folder(smollm2_onnx)
     windows = eval_windows(folder, test_text, block_size=2048, max_blocks=2)

@@ -58,7 +58,7 @@ class FoldChannelScalesPass(ir.passes.InPlacePass):
         inverse = add_initializer(graph, f"{activation.name}/channel_inverse_scale", (1.0 / scales).astype(np.float32))
         mul = ir.node("Mul", [activation, inverse], name=f"{activation.name}/ChannelScaleMul")
         mul.outputs[0].name = f"{activation.name}/scaled"
-        mul.outputs[0].dtype, mul.outputs[0].shape = activation.dtype, activation.shape
+        mul.outputs[0].dtype, mul.outputs[0].shape = activation.dtype or ir.DataType.FLOAT, activation.shape
         graph.insert_before(readers[0], mul)
         for reader in readers:
             reader.replace_input_with(0, mul.outputs[0])

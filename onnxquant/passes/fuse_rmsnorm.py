@@ -6,8 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant.graph_utils import initializer_array, transform_initializer
-from onnxquant.patterns import constant_weight, is_const_matmul, norm_weight
-from onnxquant.rotation_config import ResolvedPair
+from onnxquant.patterns import ResolvedPair, constant_weight, is_const_matmul, norm_weight
 
 
 class FoldNormIntoReadersPass(ir.passes.InPlacePass):

@@ -8,9 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant.graph_utils import initializer_array, transform_initializer
-from onnxquant.patterns import (ROTATION_METADATA_KEY, constant_weight, is_const_matmul, is_embedding_gather,
+from onnxquant.patterns import (ROTATION_METADATA_KEY, ResolvedPair, constant_weight, is_const_matmul, is_embedding_gather,
                                 matmul_bias, norm_weight)
-from onnxquant.rotation_config import ResolvedPair
 
 
 class RotateR1Pass(ir.passes.InPlacePass):
