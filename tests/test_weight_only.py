@@ -106,3 +106,19 @@ def test_4bit_flag_mistakes(tiny_models, tmp_path, calib_text_path, flags, needl
                         "--output_model_path", str(tmp_path / "o"), "--calib_data", str(calib_text_path), *flags)
     assert_user_error(result, needle)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_gptq_block_128_beats_round_to_nearest(smollm2_onnx, tmp_path, calib_text_path, test_text):
+    folder = open_genai_folder(smollm2_onnx)
+    windows = eval_windows(folder, test_text, 2048, 2)
+    ppl = {}
+    for algo in ("rtn", "gptq"):
+        out = tmp_path / algo
+        result = run_module("onnxquant.quantize", "--input_model_path", str(smollm2_onnx), "--output_model_path", str(out),
+                            "--config", "UINT4_PER_GROUP_ASYM", "--algo", algo, "--calib_data", str(calib_text_path),
+                            "--num_calib_data", "16", "--seq_len", "512")
+        assert result.returncode == 0, result.stderr[-2000:]
+        ppl[algo] = evaluate_perplexity(open_genai_folder(out), windows, "genai", progress=False).perplexity
+    float_ppl = evaluate_perplexity(folder, windows, "genai", progress=False).perplexity
+    assert ppl["gptq"] < 0.85 * ppl["rtn"] and ppl["gptq"] < 1.4 * float_ppl, (ppl, float_ppl)
