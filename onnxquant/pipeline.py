@@ -32,7 +32,7 @@ from onnxquant.calibration import (ChannelAbsMaxObserver, ChannelExtremaRecorder
 from onnxquant.emitters import nearest_rounder
 from onnxquant.errors import UserError, fail
 from onnxquant.genai_folder import GenAIFolder
-from onnxquant.graph_utils import read_initializer
+from onnxquant.graph_utils import read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
 from onnxquant.passes import (FoldChannelScalesPass, FoldNormIntoReadersPass, QuantizeGraphPass, RotateR1Pass,
                               UntieEmbeddingsPass)
@@ -213,18 +213,24 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
 
 class _HessianRounder:
     """Rounds each planned weight with GPTQ (or H-weighted clip search) from its input's Hessian,
-    divided by any AWQ scales that were folded into that input."""
+    divided by any AWQ scales that were folded into that input. A Hessian is dropped once the
+    last weight reading its activation has been rounded."""
 
     def __init__(self, hessians: dict[str, np.ndarray], reader_input: dict[str, str], settings: GPTQSettings, gptq: bool):
         self.hessians = hessians
         self.reader_input = reader_input
+        self.readers_left = {activation: list(reader_input.values()).count(activation) for activation in hessians}
         self.settings = settings
         self.gptq = gptq
 
     def __call__(self, node_name: str, weight: np.ndarray, spec: QuantSpec):
-        hessian = self.hessians.get(self.reader_input.get(node_name))
+        activation = self.reader_input.get(node_name)
+        hessian = self.hessians.get(activation)
         if hessian is None:
             return nearest_rounder(node_name, weight, spec)
+        self.readers_left[activation] -= 1
+        if self.readers_left[activation] == 0:
+            del self.hessians[activation]
         if self.gptq:
             return gptq_round(weight, hessian, spec, self.settings)
         return clip_search(weight, spec, np.diag(hessian))
@@ -240,7 +246,8 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
     if scheme.clip_search and scheme.algo == "rtn":
         rounder = lambda name, weight, spec: clip_search(weight, spec)  # noqa: E731
     if scheme.algo in ("gptq", "awq"):
-        hessians = {name: observer.sum for name, observer in ctx.state.pop("hessians").items()}  # float32 until used
+        # Taken out of the observers so that each is freed once rounded (float32 until used).
+        hessians = {name: observer.sums.pop("xtx") for name, observer in ctx.state.pop("hessians").items()}
         if scheme.algo == "awq":
             passes.append(_awq_pass(ctx, plan, hessians))
         reader_input = {reader: activation for activation, readers in plan.activations.items() for reader in readers}
@@ -258,9 +265,12 @@ def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.ndarray
     targets = [t for t in fold_targets(graph, plan.activations) if t.kind != "mul"]
     scales = {}
     for target in tqdm(targets, desc="awq search", unit="group", leave=False):
-        weights = [constant_weight(by_name[name]).const_value.numpy() for name in target.readers]
+        tensors = [constant_weight(by_name[name]).const_value for name in target.readers]
         specs = [plan.nodes[name].weights for name in target.readers]
-        s, alpha = awq_scales(target, weights, specs, hessians[target.activation], ctx.state["mean_abs"][target.activation].mean)
+        s, alpha = awq_scales(target, [t.numpy() for t in tensors], specs, hessians[target.activation],
+                              ctx.state["mean_abs"][target.activation].mean)
+        for tensor in tensors:
+            release_tensor(tensor)  # the search touched every page of these weights
         scales[target.activation] = s
         ctx.report.awq_alphas.append(alpha)
         hessians[target.activation] = (hessians[target.activation] / np.outer(s, s)).astype(np.float32)

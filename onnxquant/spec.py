@@ -162,6 +162,25 @@ class QuantizedWeight:
         return dequantize_array(self.codes, self.scale, self.zero_point)
 
 
+def concat_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """One QuantizedWeight from the quantized column slices [K, N_i] of a weight, in order."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    spec = first.spec
+    if spec.granularity == "per_tensor":
+        raise ValueError("a per-tensor grid is shared by every column; quantize the weight whole")
+    code_axis = 0 if spec.granularity == "per_block" else 1
+    grid_axis = 0
+    return QuantizedWeight(np.concatenate([p.codes for p in parts], axis=code_axis),
+                           np.concatenate([p.scale for p in parts], axis=grid_axis),
+                           np.concatenate([p.zero_point for p in parts], axis=grid_axis), spec, first.k)
+
+
+def column_chunks(n: int, width: int) -> list[slice]:
+    return [slice(start, min(start + width, n)) for start in range(0, n, width)]
+
+
 def weight_bound(weight: np.ndarray, reduce_axes: tuple[int, ...] | None, pair_safe: bool) -> np.ndarray:
     """max |w| over `reduce_axes`; pair-safe: at least the largest |w[k]| + |w[k+1]| of adjacent
     input rows (k even), so that scale = bound / 127 keeps every pair of int8 values within 128."""

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.linalg
 
 from onnxquant.algorithms.rtn import clip_search
-from onnxquant.spec import QuantizedWeight, QuantSpec, padded_blocks, round_to_nearest
+from onnxquant.spec import QuantizedWeight, QuantSpec, column_chunks, concat_columns, padded_blocks, round_to_nearest
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class GPTQSettings:
     damp: float = 0.01
     act_order: bool = True
     batch: int = 128
+    columns_per_chunk: int = 4096  # output columns rounded at once (independent given H): bounds float64 memory
     clip_search: bool = True  # choose the fixed block grids with the H-weighted clip search
 
 
@@ -46,12 +47,23 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
 def gptq_round(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, settings: GPTQSettings = GPTQSettings()) -> QuantizedWeight:
     k, n = weight.shape
     h = np.array(hessian, dtype=np.float64)
-    w = np.array(weight, dtype=np.float64)  # [K, N]: row k is input channel k
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    w[dead] = 0.0
-    grid = clip_search(w.astype(np.float32), spec, np.diag(h)) if settings.clip_search else round_to_nearest(w.astype(np.float32), spec)
     order = np.argsort(-np.diag(h), kind="stable") if settings.act_order else np.arange(k)
+    importance = np.diag(h).copy()
+    hinv = _inverse_cholesky(h[np.ix_(order, order)], settings.damp)
+    del h
+    # Each output column's updates involve only that column, so columns are rounded in chunks.
+    return concat_columns([_gptq_columns(weight[:, cols], dead, importance, order, hinv, spec, settings)
+                           for cols in column_chunks(n, settings.columns_per_chunk)])
+
+
+def _gptq_columns(weight: np.ndarray, dead: np.ndarray, importance: np.ndarray, order: np.ndarray, hinv: np.ndarray,
+                  spec: QuantSpec, settings: GPTQSettings) -> QuantizedWeight:
+    k, n = weight.shape
+    w = np.array(weight, dtype=np.float64)  # [K, N]: row k is input channel k
+    w[dead] = 0.0
+    grid = clip_search(w.astype(np.float32), spec, importance) if settings.clip_search else round_to_nearest(w.astype(np.float32), spec)
     if spec.granularity == "per_block":
         # Scale and zero point of each (processed) row's block: [blocks, N] indexed per row.
         block_scale, block_zero = grid.scale.T.astype(np.float64), grid.zero_point.T.astype(np.float64)
@@ -60,9 +72,7 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, setting
         block_scale = np.broadcast_to(np.asarray(grid.scale, np.float64), (n,))[None, :]
         block_zero = np.broadcast_to(np.asarray(grid.zero_point, np.float64), (n,))[None, :]
         row_block = np.zeros(k, dtype=np.int64)
-    w, h = w[order], h[np.ix_(order, order)]
-    hinv = _inverse_cholesky(h, settings.damp)
-    del h
+    w = w[order]
     codes = np.zeros((k, n), dtype=spec.numpy_dtype)
     for start in range(0, k, settings.batch):
         end = min(start + settings.batch, k)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxquant.spec import QuantizedWeight, QuantSpec, block_grid, padded_blocks, quantize_array, round_to_nearest
+from onnxquant.spec import (QuantizedWeight, QuantSpec, block_grid, column_chunks, concat_columns, padded_blocks,
+                            quantize_array, round_to_nearest)
 
 CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
+COLUMNS_PER_CHUNK = 4096  # output columns searched at once: bounds the float temporaries (lm_head has 49152)
 
 
 def clip_search(weight: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = None) -> QuantizedWeight:
@@ -15,6 +17,11 @@ def clip_search(weight: np.ndarray, spec: QuantSpec, importance: np.ndarray | No
     error is weighted by how large the inputs of row k are; None weighs rows equally)."""
     if spec.granularity != "per_block":
         return round_to_nearest(weight, spec)
+    return concat_columns([_clip_search_columns(weight[:, cols], spec, importance)
+                           for cols in column_chunks(weight.shape[1], COLUMNS_PER_CHUNK)])
+
+
+def _clip_search_columns(weight: np.ndarray, spec: QuantSpec, importance: np.ndarray | None) -> QuantizedWeight:
     blocks = padded_blocks(np.asarray(weight, dtype=np.float32), spec.block_size)  # [N, B, bs]
     weights = 1.0 if importance is None else padded_blocks(np.asarray(importance, np.float32)[:, None],
                                                            spec.block_size)[0]  # [B, bs]
