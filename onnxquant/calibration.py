@@ -397,7 +397,8 @@ def run_calibration(model_path: Path, reader: CalibrationDataReader, observation
             binding.bind_cpu_input(name, array)
         session.run_with_iobinding(binding)
         values = binding.get_outputs()[len(calib.running_sums):]
-        results = {name: value.numpy() for name, value in zip(per_sample_names, values)}
+        # Copies: ORT writes the next sample's statistics into the same output buffers.
+        results = {name: np.array(value.numpy(), copy=True) for name, value in zip(per_sample_names, values)}
         for (_, observer), names in zip(observations, calib.outputs):
             stats = {stat: results[name] for stat, name in names.items()}
             for stat in [s for s in observer.summed if s in stats]:  # dynamic shape: summed here instead
