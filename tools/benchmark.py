@@ -71,6 +71,8 @@ def _q(scheme: str, *extra: str) -> tuple[str, ...]:
 
 
 R1, SQ = "--include_rotation", "--include_sq"
+RECIPES_AL4_BASE = {"w4_gptq_b128": "UINT4_PER_GROUP_ASYM + GPTQ, block 128, every MatMul and the embedding at 4 bits",
+                    "w4_gptq_8bit_ends_b32": "UINT4_PER_GROUP_ASYM + GPTQ, block 32, lm_head and embedding at 8 bits"}
 RECIPES = {r.name: r for r in (
     Recipe("float", "the exported float32 model", None),
     Recipe("int8", "INT8_TRANSFORMER_DEFAULT, moving-average MinMax", _q("INT8_TRANSFORMER_DEFAULT")),
@@ -92,6 +94,11 @@ RECIPES = {r.name: r for r in (
           ("_gptq", "UINT4_PER_GROUP_ASYM + GPTQ", "UINT4_PER_GROUP_ASYM", ("--algo", "gptq")),
           ("_gptq_8bit_ends", "UINT4_PER_GROUP_ASYM + GPTQ, lm_head and embedding at 8 bits",
            "UINT4_PER_GROUP_ASYM", ("--algo", "gptq", "--int8_nodes", "lm_head", "--int8_nodes", "embed_tokens")))),
+    *(Recipe(f"{name}_al4", RECIPES_AL4_BASE[name] + ", --accuracy_level 4 (int8 activation compute in MatMulNBits)",
+             (*flags, "--accuracy_level", "4"))
+      for name, flags in (("w4_gptq_b128", ("--config", "UINT4_PER_GROUP_ASYM", "--block_size", "128", "--algo", "gptq")),
+                          ("w4_gptq_8bit_ends_b32", ("--config", "UINT4_PER_GROUP_ASYM", "--block_size", "32", "--algo", "gptq",
+                                                     "--int8_nodes", "lm_head", "--int8_nodes", "embed_tokens")))),
     *(Recipe(f"peer_{peer}_b{block}", what + f", block {block}", ("--block_size", str(block)), peer=peer)
       for block in (128, 32)
       for peer, what in (("ort_rtn_asym", "ORT MatMulNBitsQuantizer RTN asymmetric"),

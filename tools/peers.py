@@ -6,7 +6,7 @@ onnxquant's validator measures it the same way:
 
 ort_*: onnxruntime.quantization.MatMulNBitsQuantizer on the float export (RTN asymmetric,
 RTN symmetric, HQQ), 4 bits, default accuracy level. builder_int4: the ORT-GenAI model builder's
-`-p int4` from the Hugging Face checkpoint (the embedded SmolLM2 GGUF when --gguf is empty).
+`-p int4` (accuracy level 4, its CPU default) from the Hugging Face checkpoint (the embedded SmolLM2 GGUF when --gguf is empty).
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ def builder_int4(gguf: str, output: Path, block_size: int, algo: str) -> None:
         else:
             hf = source.path
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(staging), "-p", "int4",
-                   "-e", "cpu", "-c", str(Path(work) / "cache"), "--extra_options", f"int4_block_size={block_size}"]
+                   "-e", "cpu", "-c", str(Path(work) / "cache"), "--extra_options", f"block_size={block_size}"]
         if algo != "default":
-            command.append(f"int4_algo_config={algo}")
+            # ORT-GenAI 0.18 ignores the old `int4_`-prefixed names (the model came out at block 32).
+            command.append(f"algo_config={algo}")
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", default="", help="GGUF or HF folder for builder_int4 (default: the embedded model)")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--block_size", type=int, default=128)
-    parser.add_argument("--algo", default="default", help="builder_int4: int4_algo_config")
+    parser.add_argument("--algo", default="default", help="builder_int4: its algo_config (default, k_quant_mixed, ...)")
     args = parser.parse_args(argv)
     if args.peer == "builder_int4":
         builder_int4(args.gguf, args.output, args.block_size, args.algo)
