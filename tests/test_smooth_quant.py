@@ -1,4 +1,5 @@
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 from onnxquant.data import tokenize
@@ -21,6 +22,10 @@ def test_smoothed_float_model_keeps_its_logits(tiny_models, tmp_path, calib_text
     result = float_pass_run(source, tmp_path / "sq", calib_text_path, *flags, "--sq_alpha", "0.6")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sq_inserted_muls=0" in result.stdout  # every target folded into a producer
+    name = "model.layers.0.mlp.up_proj.MatMul.weight"
+    before = ir.load(source / "model.onnx").graph.initializers[name].const_value.numpy()
+    after = ir.load(tmp_path / "sq" / "model.onnx").graph.initializers[name].const_value.numpy()
+    assert np.abs(after - before).max() > 1e-2 * np.abs(before).max()  # rows scaled by s, and still the same function:
     ids = tokenize(source, test_text[:3000])[:256]
     assert relative_logit_error(prefill_logits(source, ids), prefill_logits(tmp_path / "sq", ids)) < 1e-4
 
