@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import resource
 import tempfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from onnxquant.data import calibration_windows, load_hub_text, read_text_file
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import copy_sidecar_files, open_genai_folder
 from onnxquant.pipeline import QuantizeSettings, RotationSettings, quantize_model
+from onnxquant.runtime import peak_rss_mb
 from onnxquant.schemes import ALGORITHMS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
 from onnxquant.spec import BLOCK_SIZES
 from onnxquant.staging import check_output_dir, staged_output_dir
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         report = quantize_model(folder, staging / output_name, settings, samples, Path(scratch))
         copy_sidecar_files(folder, staging, output_name)
     size_mb = sum(f.stat().st_size for f in output_dir.iterdir() if f.name.startswith(output_name)) / 1e6
-    print(report.summary(settings, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, size_mb))
+    print(report.summary(settings, peak_rss_mb(), size_mb))
     return 0
 
 

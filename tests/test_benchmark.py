@@ -45,3 +45,16 @@ def test_benchmark_prints_the_table_for_every_recipe(tiny_models, tmp_path, cali
     assert ppl > 1 and quant_s > 0 and ratio > 0 and rss > 0
     assert size < float(rows["float"].split("|")[7])  # int8 weights make the file smaller
     assert float(cells[8]) > 0  # decode tokens/s measured
+
+
+def test_child_peak_rss_does_not_include_the_parents(tmp_path):
+    """A child of a big process reports its own peak, not the parent's RSS at fork."""
+    sys.path.insert(0, str(TOOLS))
+    from benchmark import run_child
+
+    script = tmp_path / "child.py"
+    script.write_text("print(sum(range(10)))\n")
+    ballast = np.ones(400 * 1024 * 1024 // 8)  # 400 MB resident in this process
+    _, peak_mb, stdout = run_child([str(script)], tmp_path / "child.log")
+    assert stdout.strip() == "45"
+    assert peak_mb < 200 < ballast.nbytes / 2**20

@@ -9,7 +9,7 @@ Without --model the embedded SmolLM2-135M is exported first (into --workdir). Fo
 
 - ppl: validate perplexity over the first --blocks blocks x --block_size of the eval text (ORT-GenAI);
 - delta_pct: change against the float model's perplexity in the same run;
-- quant_s: wall seconds of the quantize child; peak_rss_mb: its peak resident set (os.wait4);
+- quant_s: wall seconds of the quantize child; peak_rss_mb: its peak resident set (VmHWM, via tools/peak_rss.py);
 - quant_vs_floor: quant_s / the calibration floor, the seconds of one plain ORT forward pass of the
   float model over the same calibration tokens (session creation excluded), measured first;
 - size_mb: model.onnx + external data on disk;
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import re
 import statistics
@@ -84,7 +83,7 @@ RECIPES = {r.name: r for r in (
     Recipe("int8_symact", "INT8_SYMMETRIC_ACT (signed symmetric activations), moving average", _q("INT8_SYMMETRIC_ACT")),
     Recipe("int8_symact_pc+r1+sq", "INT8_SYMMETRIC_ACT_PER_CHANNEL + R1 + SmoothQuant",
            _q("INT8_SYMMETRIC_ACT_PER_CHANNEL", R1, SQ)),
-    *(Recipe(f"w4{suffix}_b{block}", f"{what}, block {block}, every MatMul and the embedding at 4 bits",
+    *(Recipe(f"w4{suffix}_b{block}", f"{what}, block {block}" + ("" if "8 bits" in what else ", every MatMul and the embedding at 4 bits"),
              ("--config", scheme, "--block_size", str(block), *algo))
       for block in (128, 32)
       for suffix, what, scheme, algo in (
@@ -149,19 +148,25 @@ class ChildFailed(RuntimeError):
     """A quantizer or validator child process exited non-zero."""
 
 
+PEAK_RSS_LAUNCHER = Path(__file__).resolve().parent / "peak_rss.py"
+
+
 def run_child(args: list[str], log: Path) -> tuple[float, float, str]:
-    """Run `python args...`; return (wall seconds, peak RSS MB of that child, its stdout)."""
+    """Run `python args...`; return (wall seconds, peak RSS MB of that child, its stdout).
+
+    The child runs under tools/peak_rss.py, which reports its true peak (os.wait4's ru_maxrss would
+    include this process's RSS at fork)."""
+    report = log.with_suffix(".peak_rss")
+    report.unlink(missing_ok=True)
     start = time.perf_counter()
     with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=stderr, text=True)
-        stdout = process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+        process = subprocess.run([sys.executable, str(PEAK_RSS_LAUNCHER), str(report), *args], stdout=subprocess.PIPE,
+                                 stderr=stderr, text=True)
     seconds = time.perf_counter() - start
     if process.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
         raise ChildFailed(f"exit {process.returncode}: {tail[0][:160]} (log {log})")
-    return seconds, usage.ru_maxrss / 1024, stdout
+    return seconds, float(report.read_text()), process.stdout
 
 
 def model_size_mb(folder: GenAIFolder) -> float:
