@@ -303,12 +303,29 @@ def write_plot(rows: list[Row], path: Path, title: str) -> None:
         members = [row for row in shown if RECIPES[row.config.split("@")[0]].series == series]
         if members:
             ax.scatter([r.size_mb for r in members], [r.ppl for r in members], color=color, label=series, s=22)
-    # Points of one size stack up: spread their labels vertically so they stay legible.
-    for index, row in enumerate(sorted(shown, key=lambda r: (round(r.size_mb), r.ppl))):
-        same_size = [r for r in shown if abs(r.size_mb - row.size_mb) < 3]
-        offset = 10 * same_size.index(row) - 5 * (len(same_size) - 1)
-        ax.annotate(row.config, (row.size_mb, row.ppl), textcoords="offset points", xytext=(6, offset), fontsize=6.5)
     ax.set_yscale("log")
+    # Points of similar size stack up: the labels of each group of nearby sizes go in one column to
+    # its right, ordered by perplexity, one text line apart, each tied to its point by a line.
+    low, high = ax.get_ylim()
+    line = np.log10(high / low) * 9 / (fig.get_size_inches()[1] * 72 * 0.8)  # 9 pt in decades
+    by_size = sorted(shown, key=lambda r: r.size_mb)
+    groups = [[by_size[0]]]
+    for row in by_size[1:]:
+        if row.size_mb - groups[-1][-1].size_mb < 40:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    for group in groups:
+        group.sort(key=lambda r: r.ppl)
+        heights = [np.log10(r.ppl) for r in group]
+        for i in range(1, len(heights)):
+            heights[i] = max(heights[i], heights[i - 1] + line)
+        shift = (heights[-1] - np.log10(group[-1].ppl)) / 2  # centre the column on the points
+        x_text = max(r.size_mb for r in group) + 15
+        for member, height in zip(group, heights):
+            ax.annotate(member.config, (member.size_mb, member.ppl), xytext=(x_text, 10 ** (height - shift)),
+                        textcoords="data", fontsize=6.5, va="center",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.7"})
     ax.legend(fontsize=8)
     ax.set_xlabel("model size on disk (MB)")
     ax.set_ylabel("wikitext-2 perplexity (lower is better)")
