@@ -403,6 +403,9 @@ def run_calibration(model_path: Path, reader: CalibrationDataReader, observation
             stats = {stat: results[name] for stat, name in names.items()}
             for stat in [s for s in observer.summed if s in stats]:  # dynamic shape: summed here instead
                 value = stats.pop(stat).astype(np.float32)
-                observer.sums[stat] = value if stat not in observer.sums else observer.sums[stat] + value
+                if stat in observer.sums:
+                    observer.sums[stat] += value
+                else:
+                    observer.sums[stat] = value
             observer.update(stats)
     return CalibrationRun(time.perf_counter() - start)

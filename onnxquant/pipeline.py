@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -219,7 +220,7 @@ class _HessianRounder:
     def __init__(self, hessians: dict[str, np.ndarray], reader_input: dict[str, str], settings: GPTQSettings, gptq: bool):
         self.hessians = hessians
         self.reader_input = reader_input
-        self.readers_left = {activation: list(reader_input.values()).count(activation) for activation in hessians}
+        self.readers_left = Counter(reader_input.values())
         self.settings = settings
         self.gptq = gptq
 

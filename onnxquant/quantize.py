@@ -12,8 +12,8 @@ from pathlib import Path
 from onnxquant.data import calibration_windows, load_hub_text, read_text_file
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import copy_sidecar_files, open_genai_folder
+from onnxquant.memory import peak_rss_mb
 from onnxquant.pipeline import QuantizeSettings, RotationSettings, quantize_model
-from onnxquant.runtime import peak_rss_mb
 from onnxquant.schemes import ALGORITHMS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
 from onnxquant.spec import BLOCK_SIZES
 from onnxquant.staging import check_output_dir, staged_output_dir

@@ -55,21 +55,3 @@ def prefill_feeds(specs: list[tuple[str, type]], folder: GenAIFolder, ids: np.nd
             raise ValueError(f"unexpected graph input {name!r}; the folder is not an ORT-GenAI decoder")
     return feeds
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set in MB since it started (exec), not counting its parent.
-
-    `getrusage(...).ru_maxrss` also keeps the high-water mark of the process image an exec
-    replaced, i.e. the parent's RSS at fork: a child of a 1 GB benchmark process reports at least
-    1 GB. The kernel's per-image counter (VmHWM) does not.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -70,8 +70,18 @@ def _q(scheme: str, *extra: str) -> tuple[str, ...]:
 
 
 R1, SQ = "--include_rotation", "--include_sq"
-RECIPES_AL4_BASE = {"w4_gptq_b128": "UINT4_PER_GROUP_ASYM + GPTQ, block 128, every MatMul and the embedding at 4 bits",
-                    "w4_gptq_8bit_ends_b32": "UINT4_PER_GROUP_ASYM + GPTQ, block 32, lm_head and embedding at 8 bits"}
+_W4_RECIPES = [
+    Recipe(f"w4{suffix}_b{block}",
+           f"{what}, block {block}" if "--int8_nodes" in algo else f"{what}, block {block}, every MatMul and the embedding at 4 bits",
+           ("--config", scheme, "--block_size", str(block), *algo))
+    for block in (128, 32)
+    for suffix, what, scheme, algo in (
+        ("_rtn", "UINT4_PER_GROUP_ASYM, round to nearest", "UINT4_PER_GROUP_ASYM", ()),
+        ("_rtn_sym", "INT4_PER_GROUP_SYM, round to nearest", "INT4_PER_GROUP_SYM", ()),
+        ("_awq", "UINT4_PER_GROUP_ASYM + AWQ", "UINT4_PER_GROUP_ASYM", ("--algo", "awq")),
+        ("_gptq", "UINT4_PER_GROUP_ASYM + GPTQ", "UINT4_PER_GROUP_ASYM", ("--algo", "gptq")),
+        ("_gptq_8bit_ends", "UINT4_PER_GROUP_ASYM + GPTQ, lm_head and embedding at 8 bits",
+         "UINT4_PER_GROUP_ASYM", ("--algo", "gptq", "--int8_nodes", "lm_head", "--int8_nodes", "embed_tokens")))]
 RECIPES = {r.name: r for r in (
     Recipe("float", "the exported float32 model", None),
     Recipe("int8", "INT8_TRANSFORMER_DEFAULT, moving-average MinMax", _q("INT8_TRANSFORMER_DEFAULT")),
@@ -83,21 +93,10 @@ RECIPES = {r.name: r for r in (
     Recipe("int8_symact", "INT8_SYMMETRIC_ACT (signed symmetric activations), moving average", _q("INT8_SYMMETRIC_ACT")),
     Recipe("int8_symact_pc+r1+sq", "INT8_SYMMETRIC_ACT_PER_CHANNEL + R1 + SmoothQuant",
            _q("INT8_SYMMETRIC_ACT_PER_CHANNEL", R1, SQ)),
-    *(Recipe(f"w4{suffix}_b{block}", f"{what}, block {block}" + ("" if "8 bits" in what else ", every MatMul and the embedding at 4 bits"),
-             ("--config", scheme, "--block_size", str(block), *algo))
-      for block in (128, 32)
-      for suffix, what, scheme, algo in (
-          ("_rtn", "UINT4_PER_GROUP_ASYM, round to nearest", "UINT4_PER_GROUP_ASYM", ()),
-          ("_rtn_sym", "INT4_PER_GROUP_SYM, round to nearest", "INT4_PER_GROUP_SYM", ()),
-          ("_awq", "UINT4_PER_GROUP_ASYM + AWQ", "UINT4_PER_GROUP_ASYM", ("--algo", "awq")),
-          ("_gptq", "UINT4_PER_GROUP_ASYM + GPTQ", "UINT4_PER_GROUP_ASYM", ("--algo", "gptq")),
-          ("_gptq_8bit_ends", "UINT4_PER_GROUP_ASYM + GPTQ, lm_head and embedding at 8 bits",
-           "UINT4_PER_GROUP_ASYM", ("--algo", "gptq", "--int8_nodes", "lm_head", "--int8_nodes", "embed_tokens")))),
-    *(Recipe(f"{name}_al4", RECIPES_AL4_BASE[name] + ", --accuracy_level 4 (int8 activation compute in MatMulNBits)",
-             (*flags, "--accuracy_level", "4"))
-      for name, flags in (("w4_gptq_b128", ("--config", "UINT4_PER_GROUP_ASYM", "--block_size", "128", "--algo", "gptq")),
-                          ("w4_gptq_8bit_ends_b32", ("--config", "UINT4_PER_GROUP_ASYM", "--block_size", "32", "--algo", "gptq",
-                                                     "--int8_nodes", "lm_head", "--int8_nodes", "embed_tokens")))),
+    *_W4_RECIPES,
+    *(Recipe(f"{base.name}_al4", base.meaning + ", --accuracy_level 4 (int8 activation compute in MatMulNBits)",
+             (*base.flags, "--accuracy_level", "4"))
+      for base in _W4_RECIPES if base.name in ("w4_gptq_b128", "w4_gptq_8bit_ends_b32")),
     *(Recipe(f"peer_{peer}_b{block}", what + f", block {block}", ("--block_size", str(block)), peer=peer)
       for block in (128, 32)
       for peer, what in (("ort_rtn_asym", "ORT MatMulNBitsQuantizer RTN asymmetric"),

@@ -16,12 +16,7 @@ import runpy
 import sys
 from pathlib import Path
 
-
-def _own_peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from onnxquant.memory import peak_rss_mb
 
 
 def main() -> None:
@@ -30,7 +25,7 @@ def main() -> None:
     def write_report() -> None:
         # Children forked from this small process inherit only its small RSS, so their maxima are true.
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        Path(report).write_text(f"{max(_own_peak_mb(), children):.1f}\n")
+        Path(report).write_text(f"{max(peak_rss_mb(), children):.1f}\n")
 
     atexit.register(write_report)
     if target == "-m":
