@@ -6,7 +6,10 @@ full pre-tokenizer pipeline (ORT-GenAI's built-in tokenizer skips SmolLM2's digi
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,36 @@ from onnxquant.errors import fail
 WIKITEXT_ENV = "ONNXQUANT_WIKITEXT_DIR"
 WIKITEXT_TEST_FILE = "wiki.test.raw"
 WIKITEXT_CALIB_FILE = "wiki.valid.tokens"
+
+# The embedded copies (onnxquant/embedded_data/, CC BY-SA 3.0, see ATTRIBUTION.md there): each split's
+# sha256 after decompression, so a damaged install is an error rather than a different perplexity.
+EMBEDDED_SHA256 = {
+    WIKITEXT_TEST_FILE: "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c",
+    WIKITEXT_CALIB_FILE: "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+}
+EMBEDDED_SPLITS = {"test": WIKITEXT_TEST_FILE, "validation": WIKITEXT_CALIB_FILE}
+
+
+def embedded_bytes(name: str) -> bytes:
+    """The decompressed bytes of an embedded WikiText-2 file, checked against its pinned sha256."""
+    data = gzip.decompress((resources.files("onnxquant") / "embedded_data" / f"{name}.gz").read_bytes())
+    if hashlib.sha256(data).hexdigest() != EMBEDDED_SHA256[name]:
+        fail(f"the embedded {name} is damaged (sha256 mismatch); reinstall onnxquant or pass a text file")
+    return data
+
+
+def embedded_text(split: str) -> str:
+    """WikiText-2's raw test split ("test") or tokenized validation split ("validation"), from the package."""
+    return embedded_bytes(EMBEDDED_SPLITS[split]).decode("utf-8")
+
+
+def resolve_text(path: str | Path | None, dataset: str | None, split: str) -> str:
+    """The text a CLI reads: a user's file, else a hub dataset by name, else the embedded WikiText-2 split."""
+    if path is not None:
+        return read_text_file(path)
+    if dataset is not None:
+        return load_hub_text(dataset, split)
+    return embedded_text(split)
 
 
 def find_local_wikitext_dir() -> Path | None:
@@ -35,9 +68,16 @@ def read_text_file(path: str | Path) -> str:
     if not path.is_file():
         fail(f"text file {path} does not exist; pass an existing file")
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        fail(f"{path} is not UTF-8 text ({exc}); pass a plain text file")
+        fail(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a plain text file")
+    except OSError as exc:
+        fail(f"cannot read {path} ({exc.strerror}); pass a readable text file")
+    if not text.strip():
+        fail(f"text file {path} is empty; pass a file with text in it")
+    if "\x00" in text:
+        fail(f"{path} holds NUL bytes, so it is not a text file; pass a plain text file")
+    return text
 
 
 def load_hub_text(dataset: str, split: str) -> str:

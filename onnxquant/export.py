@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from onnxquant.checkpoint import ModelSource, gguf_to_hf_folder, resolve_model_source
+from onnxquant.cli import HelpFormatter
 from onnxquant.errors import fail, run_cli
 from onnxquant.staging import check_output_dir, staged_output_dir
 
@@ -56,8 +57,8 @@ def export_model(source: ModelSource, output: Path, precision: str = "fp32", exe
     return time.perf_counter() - start
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m onnxquant.export", description=__doc__)
+def build_parser(prog: str = "python -m onnxquant.export") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model_path", default=None,
                         help="Hugging Face checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct GGUF)")
     parser.add_argument("--output_path", required=True, help="new folder for the ORT-GenAI model")
@@ -68,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.export") -> int:
+    args = build_parser(prog).parse_args(argv)
     source = resolve_model_source(args.model_path)
     output = Path(args.output_path)
     check_output_dir(output, [source.path], args.overwrite)

@@ -9,7 +9,8 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from onnxquant.data import calibration_windows, load_hub_text, read_text_file
+from onnxquant.data import calibration_windows, resolve_text
+from onnxquant.cli import HelpFormatter
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import copy_sidecar_files, open_genai_folder
 from onnxquant.memory import peak_rss_mb
@@ -19,22 +20,23 @@ from onnxquant.spec import BLOCK_SIZES
 from onnxquant.staging import check_output_dir, staged_output_dir
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m onnxquant.quantize", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--input_model_path", required=True, help="model.onnx of an ORT-GenAI folder (or the folder)")
     add("--output_model_path", required=True, help="model.onnx in a new folder (or the folder)")
     add("--config", default="INT8_TRANSFORMER_DEFAULT", help=f"scheme: {', '.join(SCHEMES)}")
-    add("--block_size", type=int, default=None, help="4-bit schemes: weights per block along K (16..256, power of two)")
+    add("--block_size", type=int, default=None, help="4-bit schemes: weights per block along K (16..256, power of two; default 128)")
     add("--algo", choices=ALGORITHMS, default=None, help="4-bit schemes: weight rounding (default rtn)")
     add("--accuracy_level", type=int, default=0, help="MatMulNBits accuracy_level: 0, 1, 2 or 4 (int8 compute)")
     add("--clip_search", action="store_true", help="RTN: per-block clip ratio minimizing the block's error")
     add("--int8_nodes", action="append", default=[], help="4-bit schemes: keep nodes matching this at 8 bits (repeatable), e.g. lm_head")
     add("--num_calib_data", type=int, default=64, help="number of calibration samples")
     add("--seq_len", type=int, default=512, help="tokens per calibration sample")
-    add("--calib_data", default=None, help="calibration text file, e.g. ../shared/data/wikitext-2/wiki.valid.tokens")
-    add("--dataset", choices=("wikitext2", "pileval"), default="wikitext2", help="hub dataset when --calib_data is not given")
+    add("--calib_data", default=None, help="calibration text file (default: the embedded WikiText-2 validation split)")
+    add("--dataset", choices=("wikitext2", "pileval"), default=None,
+        help="load this dataset from the Hugging Face hub with `datasets` instead of --calib_data")
     add("--use_moving_average", action="store_true", help="moving-average MinMax observers")
     add("--moving_average_constant", type=float, default=0.01)
     add("--calib_method", default="minmax", help="minmax or percentile+<p> (e.g. percentile+99.999)")
@@ -93,8 +95,8 @@ def settings_from_args(args) -> QuantizeSettings:
     return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantize") -> int:
+    args = build_parser(prog).parse_args(argv)
     settings = settings_from_args(args)
     folder = open_genai_folder(args.input_model_path)
     out = Path(args.output_model_path)
@@ -102,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(output_dir, [folder.path], args.overwrite)
     if args.num_calib_data < 1 or args.seq_len < 2:
         fail("--num_calib_data must be at least 1 and --seq_len at least 2")
-    samples = calibration_windows(folder.path, read_text_file(args.calib_data) if args.calib_data else load_hub_text(
-        args.dataset, "validation"), args.num_calib_data, args.seq_len) if settings.needs_calibration else None
+    samples = calibration_windows(folder.path, resolve_text(args.calib_data, args.dataset, "validation"),
+                                  args.num_calib_data, args.seq_len) if settings.needs_calibration else None
     with staged_output_dir(output_dir) as staging, tempfile.TemporaryDirectory(
             prefix=".onnxquant-scratch-", dir=output_dir.absolute().parent) as scratch:
         report = quantize_model(folder, staging / output_name, settings, samples, Path(scratch))

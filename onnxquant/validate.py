@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from onnxquant.data import cut_windows, load_hub_text, read_text_file, tokenize
+from onnxquant.data import cut_windows, resolve_text, tokenize
+from onnxquant.cli import HelpFormatter
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import GenAIFolder, open_genai_folder
 from onnxquant.runtime import usable_cores
@@ -114,30 +115,31 @@ def eval_windows(folder: GenAIFolder, text: str, block_size: int, max_blocks: in
     return cut_windows(ids, block_size, count, "evaluation text")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m onnxquant.validate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "python -m onnxquant.validate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="ORT-GenAI model folder")
     parser.add_argument("--do_onnx_eval", action="store_true",
                         help="accepted for compatibility with AMD Quark's oga_validate.py; evaluation always runs")
-    parser.add_argument("--block_size", type=int, default=2048)
+    parser.add_argument("--block_size", type=int, default=2048, help="tokens per evaluation window")
     parser.add_argument("--max_blocks", type=int, default=None, help="evaluate only the first N blocks (default: all)")
-    parser.add_argument("--dataset", choices=("wikitext2",), default="wikitext2",
-                        help="hub dataset to load with `datasets` when --dataset_path is not given")
-    parser.add_argument("--dataset_path", default=None, help="local text file, e.g. ../shared/data/wikitext-2/wiki.test.raw")
+    parser.add_argument("--dataset", choices=("wikitext2",), default=None,
+                        help="load this dataset's test split from the Hugging Face hub with `datasets` instead of --dataset_path")
+    parser.add_argument("--dataset_path", default=None,
+                        help="local text file (default: the embedded WikiText-2 raw test split)")
     parser.add_argument("--backend", choices=tuple(BACKENDS), default="genai",
                         help="genai: ONNX Runtime GenAI (default); ort: plain onnxruntime cross-check")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.validate") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.block_size < 2:
         fail(f"--block_size must be at least 2, got {args.block_size}")
     if args.max_blocks is not None and args.max_blocks < 1:
         fail(f"--max_blocks must be at least 1, got {args.max_blocks}")
     folder = open_genai_folder(args.model_name_or_path)
-    text = read_text_file(args.dataset_path) if args.dataset_path else load_hub_text(args.dataset, "test")
+    text = resolve_text(args.dataset_path, args.dataset, "test")
     windows = eval_windows(folder, text, args.block_size, args.max_blocks)
     result = evaluate_perplexity(folder, windows, args.backend)
     print(result.summary())

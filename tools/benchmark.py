@@ -1,10 +1,10 @@
 """Accuracy / speed / memory of every quantization recipe, measured in one run on this machine.
 
-    python tools/benchmark.py [--model FOLDER] --calib_data ../shared/data/wikitext-2/wiki.valid.tokens \
-        --eval_data ../shared/data/wikitext-2/wiki.test.raw [--blocks 16] [--configs NAME ...] \
+    onnxquant benchmark [--model FOLDER] [--calib_data FILE] [--eval_data FILE] [--blocks 16] [--configs NAME ...] \
         [--sweep NAME ...] [--sq_alphas 0.3 0.4 0.5 0.6 0.7 0.8] [--out results.md] [--plot results.png]
 
-Without --model the embedded SmolLM2-135M is exported first (into --workdir). For every recipe it runs
+(also `python tools/benchmark.py`). Without --model the embedded SmolLM2-135M is exported first (into
+--workdir); without --calib_data / --eval_data the embedded WikiText-2 splits are used. For every recipe it runs
 `python -m onnxquant.quantize` and `python -m onnxquant.validate` as child processes and measures:
 
 - ppl: validate perplexity over the first --blocks blocks x --block_size of the eval text (ORT-GenAI);
@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxquant.data import calibration_windows, read_text_file, tokenize
+from onnxquant.cli import HelpFormatter
+from onnxquant.data import EMBEDDED_SPLITS, calibration_windows, resolve_text, tokenize
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import GenAIFolder, open_genai_folder
 from onnxquant.runtime import input_specs, make_session, prefill_feeds, usable_cores
@@ -217,10 +218,19 @@ def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens
     return generated / seconds
 
 
+def text_flag(flag: str, path: Path | None) -> list[str]:
+    """The child's text option: the user's file, or nothing so that the child reads the embedded split too."""
+    return [] if path is None else [flag, str(path)]
+
+
+def text_name(path: Path | None, split: str) -> str:
+    return path.name if path is not None else f"{EMBEDDED_SPLITS[split]} (embedded)"
+
+
 def perplexity(folder_path: Path, args, blocks: int, log: Path) -> float:
     _, _, stdout = run_child(["-m", "onnxquant.validate", "--model_name_or_path", str(folder_path),
                               "--block_size", str(args.block_size), "--max_blocks", str(blocks),
-                              "--dataset_path", str(args.eval_data)], log)
+                              *text_flag("--dataset_path", args.eval_data)], log)
     match = re.search(r"perplexity=([0-9.eE+-]+|inf|nan)", stdout)
     if match is None:
         sys.exit(f"error: validate printed no perplexity for {folder_path}; see {log}")
@@ -231,8 +241,9 @@ class Bench:
     def __init__(self, args, float_folder: GenAIFolder):
         self.args = args
         self.float_folder = float_folder
-        self.samples = calibration_windows(float_folder.path, read_text_file(args.calib_data), args.num_calib_data, args.seq_len)
-        eval_ids = tokenize(float_folder.path, read_text_file(args.eval_data))
+        self.samples = calibration_windows(float_folder.path, resolve_text(args.calib_data, None, "validation"),
+                                           args.num_calib_data, args.seq_len)
+        eval_ids = tokenize(float_folder.path, resolve_text(args.eval_data, None, "test"))
         self.prefill_ids = eval_ids[: args.prefill_tokens]
         self.prompt = eval_ids[: 128]
         self.floor_s = calibration_floor(float_folder, self.samples)
@@ -263,7 +274,7 @@ class Bench:
         else:
             command = ["-m", "onnxquant.quantize", "--input_model_path", str(self.float_folder.model_file),
                        "--output_model_path", str(out / "model.onnx"), "--num_calib_data", str(self.args.num_calib_data),
-                       "--seq_len", str(self.args.seq_len), "--calib_data", str(self.args.calib_data), "--overwrite", *flags]
+                       "--seq_len", str(self.args.seq_len), *text_flag("--calib_data", self.args.calib_data), "--overwrite", *flags]
         try:
             quant_s, rss_mb, stdout = run_child(command, self.args.workdir / f"{out.name}.quantize.log")
         except ChildFailed as exc:
@@ -363,11 +374,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "python tools/benchmark.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="float ORT-GenAI folder (default: export the embedded SmolLM2)")
-    parser.add_argument("--calib_data", type=Path, required=True)
-    parser.add_argument("--eval_data", type=Path, required=True)
+    parser.add_argument("--calib_data", type=Path, default=None, help="calibration text (default: embedded wiki.valid.tokens)")
+    parser.add_argument("--eval_data", type=Path, default=None, help="evaluation text (default: embedded wiki.test.raw)")
     parser.add_argument("--blocks", type=int, default=16, help="evaluation blocks per config")
     parser.add_argument("--block_size", type=int, default=2048)
     parser.add_argument("--configs", nargs="+", default=list(RECIPES), choices=list(RECIPES), metavar="NAME",
@@ -386,14 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python tools/benchmark.py") -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
     for name in args.sweep:
         if name not in RECIPES or not RECIPES[name].uses_sq:
             fail(f"--sweep {name!r} is not a SmoothQuant recipe; choose from "
                  f"{', '.join(n for n, r in RECIPES.items() if r.uses_sq)}")
     for path in (args.calib_data, args.eval_data):
-        if not path.is_file():
+        if path is not None and not path.is_file():
             fail(f"{path} does not exist; pass the wikitext-2 files, e.g. ../shared/data/wikitext-2/")
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -427,12 +439,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(markdown_table(sweep_rows[-1:]).splitlines()[-1], flush=True)
 
     machine = f"{usable_cores()} CPU cores ({cpu_name()}; ISA: {isa_flags()}), {platform.system()} {platform.machine()}"
-    command = "python tools/benchmark.py " + " ".join(sys.argv[1:])
+    command = " ".join([prog, *argv])
     heading = (f"Model: {float_folder.path} ({float_folder.config['model']['type']}, hidden {float_folder.hidden_size}, "
                f"{float_folder.num_layers} layers). Machine: {machine}. Commit: {git_commit()}.\n"
-               f"Calibration: {args.num_calib_data} x {args.seq_len} tokens of {args.calib_data.name}; "
+               f"Calibration: {args.num_calib_data} x {args.seq_len} tokens of {text_name(args.calib_data, 'validation')}; "
                f"calibration floor {bench.floor_s:.1f} s. Evaluation: first {args.blocks} blocks x {args.block_size} "
-               f"of {args.eval_data.name}.\nCommand: `{command}`")
+               f"of {text_name(args.eval_data, 'test')}.\nCommand: `{command}`")
     def meaning(name: str) -> str:
         extra = f" (alpha {default_alpha(name):g}, the scheme's default)" if RECIPES[name].uses_sq else ""
         return RECIPES[name].meaning + extra
