@@ -59,8 +59,12 @@ def gguf_architecture(path: Path) -> str:
     try:
         reader = GGUFReader(str(path))
         arch = reader.fields["general.architecture"].contents()
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     except (ValueError, KeyError, OSError, IndexError) as exc:
-        fail(f"{path} is not a readable GGUF file ({exc}); check the download is complete")
+        fail(f"{path} is not a readable GGUF file or is truncated ({exc}); download it again")
+    size = path.stat().st_size
+    if end > size:
+        fail(f"{path} is truncated: its tensors end at byte {end:,} but the file has {size:,}; download it again")
     if arch not in GGUF_ARCHITECTURES:
         fail(f"unsupported GGUF architecture {arch!r} in {path}; onnxquant reads {', '.join(sorted(GGUF_ARCHITECTURES))}")
     return GGUF_ARCHITECTURES[arch]
@@ -153,3 +157,16 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
     model.save_pretrained(out_dir)
     restore_pretokenizer(tokenizer.backend_tokenizer, _gguf_pretokenizer_rule(gguf_path))
     tokenizer.save_pretrained(out_dir)
+
+
+def float32_export_bytes(source: ModelSource) -> int:
+    """About how many bytes exporting `source` in float32 writes (GGUF: the dequantized checkpoint too)."""
+    if source.kind == "gguf":
+        from gguf import GGUFReader
+
+        elements = sum(int(t.n_elements) for t in GGUFReader(str(source.path)).tensors)
+        return 2 * 4 * elements
+    config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+    widen = 2 if str(config.get("torch_dtype", config.get("dtype", "float32"))) in ("float16", "bfloat16") else 1
+    weights = [f for pattern in ("*.safetensors", "*.bin") for f in source.path.glob(pattern)]
+    return widen * sum(f.stat().st_size for f in weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable, NoReturn
 
@@ -10,8 +11,11 @@ class UserError(Exception):
     """A mistake in what the user asked for: bad path, wrong config, too little data.
 
     The message is one sentence naming the problem and what to do about it. CLIs print it
-    without a traceback and exit with code 2.
+    without a traceback and exit with `exit_code`: 2 for a user mistake; subclasses that refuse a
+    result (a collapsed model, an inexact pass) use their own codes.
     """
+
+    exit_code = 2
 
 
 USER_ERROR_EXIT_CODE = 2
@@ -27,6 +31,12 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         code = main(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"error: the disk filled up while writing ({exc.filename or 'output'}); nothing was kept; free some "
+              "space or choose another output location", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)

@@ -10,10 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from onnxquant.checkpoint import ModelSource, gguf_to_hf_folder, resolve_model_source
+from onnxquant.checkpoint import ModelSource, float32_export_bytes, gguf_to_hf_folder, resolve_model_source
 from onnxquant.cli import HelpFormatter
 from onnxquant.errors import fail, run_cli
-from onnxquant.staging import check_output_dir, staged_output_dir
+from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
 
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
 GENAI_FOLDER_FILES = ("model.onnx", "genai_config.json", "tokenizer.json")
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.export"
     source = resolve_model_source(args.model_path)
     output = Path(args.output_path)
     check_output_dir(output, [source.path], args.overwrite)
+    require_free_space(output, float32_export_bytes(source), f"exporting {source.path.name}")
     if args.precision == "fp16" and args.execution_provider == "cpu":
         fail("the ORT-GenAI builder makes fp16 models only for cuda or dml; use --precision fp32 for the CPU")
     seconds = export_model(source, output, args.precision, args.execution_provider)

@@ -64,6 +64,28 @@ class GenAIFolder:
         return names
 
 
+def check_model_file(model_file: Path) -> None:
+    """Refuse a model.onnx that does not parse, or whose external data files are missing or short."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model_file), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises its own types
+        fail(f"{model_file} is not a readable ONNX model ({type(exc).__name__}); re-export the model")
+    ends: dict[str, int] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+            ends[info["location"]] = max(ends.get(info["location"], 0), end)
+    for location, end in ends.items():
+        data = model_file.parent / location
+        size = data.stat().st_size if data.is_file() else -1
+        if size < end:
+            state = "missing" if size < 0 else f"truncated ({size:,} bytes, {end:,} needed)"
+            fail(f"{data} is {state}; copy the complete model folder or re-export the model")
+
+
 def open_genai_folder(path: str | Path) -> GenAIFolder:
     folder = Path(path)
     if folder.is_file() and folder.suffix == ".onnx":
@@ -82,6 +104,7 @@ def open_genai_folder(path: str | Path) -> GenAIFolder:
     result = GenAIFolder(folder, config)
     if not result.model_file.is_file():
         fail(f"{folder} has no {result.model_file.name}; the folder is incomplete, re-export the model")
+    check_model_file(result.model_file)
     if not (folder / "tokenizer.json").is_file():
         fail(f"{folder} has no tokenizer.json; copy the model's tokenizer files into it")
     return result

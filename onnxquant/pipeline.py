@@ -309,8 +309,12 @@ def save_model(model: ir.Model, path: Path) -> None:
 
 
 def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSettings, samples: np.ndarray | None,
-                   scratch: Path, recipe: tuple[Stage, ...] = RECIPE) -> QuantizeReport:
-    """Run the recipe's stages on `folder`'s model and write the result to `output_model`."""
+                   scratch: Path, recipe: tuple[Stage, ...] = RECIPE,
+                   after_checkpoint: Callable[[str, Path], None] | None = None) -> QuantizeReport:
+    """Run the recipe's stages on `folder`'s model and write the result to `output_model`.
+
+    `after_checkpoint(stage name, model file)` runs on each checkpointed (float) stage's model file.
+    """
     report = QuantizeReport()
     start = time.perf_counter()
     model = ir.load(folder.model_file)
@@ -336,6 +340,8 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
             ctx.model_path = scratch / f"stage{number}-{stage.name}" / "model.onnx"
             save_model(ctx.model, ctx.model_path)
             ctx.model = ir.load(ctx.model_path)
+            if after_checkpoint is not None:
+                after_checkpoint(stage.name, ctx.model_path)
             if previous is not None:
                 shutil.rmtree(previous)  # the reloaded model no longer reads it
     save_model(ctx.model, output_model)

@@ -9,7 +9,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from onnxquant.data import calibration_windows, resolve_text
+from onnxquant.data import cut_windows, resolve_text, tokenize_prefix
 from onnxquant.cli import HelpFormatter
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import copy_sidecar_files, open_genai_folder
@@ -17,7 +17,11 @@ from onnxquant.memory import peak_rss_mb
 from onnxquant.pipeline import QuantizeSettings, RotationSettings, quantize_model
 from onnxquant.schemes import ALGORITHMS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
 from onnxquant.spec import BLOCK_SIZES
-from onnxquant.staging import check_output_dir, staged_output_dir
+from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
+from onnxquant.verification import (DEFAULT_COLLAPSE_RATIO, CollapsedModelError, RunVerifier, collapse_message,
+                                    held_out_windows)
+
+VERIFY_WINDOWS = 4
 
 
 def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.ArgumentParser:
@@ -50,6 +54,10 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--sq_alpha", type=float, default=None, help="SmoothQuant migration strength in (0, 1) (default: the scheme's)")
     add("--skip_quantization", action="store_true", help="run only the graph passes; write a float model")
     add("--overwrite", action="store_true", help="replace a non-empty output folder")
+    add("--verify", action="store_true", help="also check that each float stage (rotation, smoothing) left the logits exact")
+    add("--collapse_ratio", type=float, default=DEFAULT_COLLAPSE_RATIO,
+        help="refuse the result when its quick perplexity exceeds the float model's by this factor (0: no check)")
+    add("--allow_degraded", action="store_true", help="keep the output even when the collapse guard fires")
     return parser
 
 
@@ -102,17 +110,48 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
     out = Path(args.output_model_path)
     output_dir, output_name = (out.parent, out.name) if out.suffix == ".onnx" else (out, "model.onnx")
     check_output_dir(output_dir, [folder.path], args.overwrite)
+    # The output is at most the input's size; each float stage (rotation, smoothing) writes a scratch copy.
+    input_bytes = sum(f.stat().st_size for f in folder.path.iterdir() if f.name.startswith(folder.model_file.name))
+    float_stages = (settings.rotation is not None) + (settings.sq_alpha is not None)
+    require_free_space(output_dir, input_bytes * (1 + float_stages), f"quantizing {folder.model_file}")
     if args.num_calib_data < 1 or args.seq_len < 2:
         fail("--num_calib_data must be at least 1 and --seq_len at least 2")
-    samples = calibration_windows(folder.path, resolve_text(args.calib_data, args.dataset, "validation"),
-                                  args.num_calib_data, args.seq_len) if settings.needs_calibration else None
+    if args.collapse_ratio < 0 or 0 < args.collapse_ratio <= 1:
+        fail(f"--collapse_ratio must be above 1 (or 0 to turn the check off), got {args.collapse_ratio}")
+    checks = args.verify or (args.collapse_ratio > 0 and not settings.skip_quantization)
+    samples, verifier = None, None
+    if settings.needs_calibration or checks:
+        calibrated = args.num_calib_data if settings.needs_calibration else 0
+        ids = tokenize_prefix(folder.path, resolve_text(args.calib_data, args.dataset, "validation"),
+                              (calibrated + VERIFY_WINDOWS) * args.seq_len)
+        if settings.needs_calibration:
+            samples = cut_windows(ids, args.seq_len, args.num_calib_data, "calibration text")
+        if checks:
+            verifier = RunVerifier(folder, *held_out_windows(ids, calibrated, args.seq_len, VERIFY_WINDOWS), args.verify)
     with staged_output_dir(output_dir) as staging, tempfile.TemporaryDirectory(
             prefix=".onnxquant-scratch-", dir=output_dir.absolute().parent) as scratch:
-        report = quantize_model(folder, staging / output_name, settings, samples, Path(scratch))
+        report = quantize_model(folder, staging / output_name, settings, samples, Path(scratch),
+                                after_checkpoint=verifier.after_stage if verifier else None)
         copy_sidecar_files(folder, staging, output_name)
+        if verifier is not None:
+            guard(verifier, staging / output_name, settings, args)
     size_mb = sum(f.stat().st_size for f in output_dir.iterdir() if f.name.startswith(output_name)) / 1e6
     print(report.summary(settings, peak_rss_mb(), size_mb))
     return 0
+
+
+def guard(verifier: RunVerifier, model_file: Path, settings: QuantizeSettings, args) -> None:
+    """Print the verification line; refuse a collapsed result unless --allow_degraded."""
+    line = "verify: " + verifier.summary()
+    if not settings.skip_quantization:
+        quality = verifier.quality(model_file)
+        line += " " + quality.summary()
+        if args.collapse_ratio and quality.ratio > args.collapse_ratio:
+            message = collapse_message(quality, args.collapse_ratio, settings.scheme.name, settings.sq_alpha is not None)
+            if not args.allow_degraded:
+                raise CollapsedModelError(message)
+            line += " degraded=kept (--allow_degraded)"
+    print(line.replace("verify:  ", "verify: "), flush=True)
 
 
 if __name__ == "__main__":

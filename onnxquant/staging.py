@@ -31,12 +31,26 @@ def check_output_dir(output: Path, inputs: list[Path], overwrite: bool) -> None:
         fail(f"output folder {output} exists and is not empty; choose a new folder or pass --overwrite")
 
 
+def require_free_space(output: Path, needed_bytes: int, what: str) -> None:
+    """Refuse to start when the output's file system has less room than the run will write."""
+    parent = Path(output).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes:
+        fail(f"{what} needs about {needed_bytes / 1e9:.1f} GB in {parent} but only {free / 1e9:.1f} GB are free; "
+             "free some space or choose another output location")
+
+
 @contextlib.contextmanager
 def staged_output_dir(output: Path) -> Iterator[Path]:
     """Yield a fresh folder beside `output`; on success it replaces `output`, on failure it is removed."""
     output = Path(output).absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    except OSError as exc:
+        fail(f"cannot create the output folder in {output.parent} ({exc.strerror}); choose a writable location")
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder

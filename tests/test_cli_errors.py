@@ -36,7 +36,7 @@ def test_export_unsupported_architecture(tmp_path):
 def test_export_corrupt_gguf(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file at all" * 10)
-    assert_user_error(_export("--model_path", str(bad), "--output_path", str(tmp_path / "out")), "not a readable GGUF")
+    assert_user_error(_export("--model_path", str(bad), "--output_path", str(tmp_path / "out")), "not a readable GGUF file")
 
 
 def test_export_refuses_non_empty_output(tiny_models, tmp_path):

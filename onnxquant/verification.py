@@ -1,0 +1,156 @@
+"""Built-in checks of a quantize run against the float model it started from.
+
+A probe runs a model over a few held-out windows of the calibration text in plain ONNX Runtime
+and keeps, per window, the mean NLL, the top-1 token at every position and the full logits at a
+few sampled positions. Comparing probes gives:
+- exactness of the float graph passes (rotation, smoothing): max |delta logit| / max |logit| at the
+  sampled positions, which must stay below EXACT_TOLERANCE;
+- for the quantized model: top-1 agreement with the float model and a quick perplexity, which the
+  collapse guard compares with the float model's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxquant.errors import UserError, fail
+from onnxquant.genai_folder import GenAIFolder
+from onnxquant.runtime import input_specs, make_session, prefill_feeds
+from onnxquant.validate import window_nll
+
+# Float32 rotations and smoothing measured 3e-6 (R1) to 2e-5 (R1 + SmoothQuant) on SmolLM2; an
+# inexact pass (a wrong pair, a missed reader) moves logits by whole units.
+EXACT_TOLERANCE = 1e-3
+# Quick-perplexity ratio (quantized / float) above which the result counts as collapsed. Measured on SmolLM2
+# (4 held-out windows of 512): worst README recipe INT8_SYMMETRIC_ACT 2.22, R1 + SmoothQuant alpha 0.8 3.05,
+# SmoothQuant alpha 0.8 without R1 19.5, alpha 0.9 153 (README, Verification).
+DEFAULT_COLLAPSE_RATIO = 2.5
+SAMPLED_POSITIONS = 32
+
+
+class CollapsedModelError(UserError):
+    """The quantized model's quick perplexity is far above the float model's; nothing was written."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class Probe:
+    nll: tuple[float, ...]
+    top1: tuple[np.ndarray, ...]
+    sampled_logits: tuple[np.ndarray, ...]
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(float(np.mean(self.nll)))
+
+
+def held_out_windows(ids: np.ndarray, used: int, seq_len: int, count: int) -> tuple[np.ndarray, bool]:
+    """`count` windows of `seq_len` tokens after the first `used` ones; (windows, held_out).
+
+    When the text has no room after the calibration samples, its last windows are used instead and
+    `held_out` is False (they were also calibrated on).
+    """
+    available = len(ids) // seq_len
+    if available == 0:
+        fail(f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len} to verify on; "
+             "give more text or pass --no_verify")
+    start = min(used, max(available - count, 0))
+    stop = min(start + count, available)
+    return ids[start * seq_len: stop * seq_len].reshape(-1, seq_len), start >= used
+
+
+def probe(model_file: Path, folder: GenAIFolder, windows: np.ndarray) -> Probe:
+    session = make_session(model_file)
+    specs = input_specs(session)
+    positions = np.unique(np.linspace(0, windows.shape[1] - 2, SAMPLED_POSITIONS).astype(int))
+    nll, top1, sampled = [], [], []
+    for window in windows:
+        logits = session.run(["logits"], prefill_feeds(specs, folder, window.reshape(1, -1)))[0][0]
+        top1.append(logits[:-1].argmax(axis=-1))
+        sampled.append(logits[positions].copy())
+        nll.append(window_nll(logits, window))
+    del session
+    return Probe(tuple(nll), tuple(top1), tuple(sampled))
+
+
+def relative_error(reference: Probe, candidate: Probe) -> float:
+    peak = max(float(np.abs(a).max()) for a in reference.sampled_logits)
+    return max(float(np.abs(a - b).max()) for a, b in zip(reference.sampled_logits, candidate.sampled_logits)) / peak
+
+
+def top1_agreement(reference: Probe, candidate: Probe) -> float:
+    matches = sum(int((a == b).sum()) for a, b in zip(reference.top1, candidate.top1))
+    return matches / sum(len(a) for a in reference.top1)
+
+
+class InexactPassError(UserError):
+    """A float graph pass changed the model's logits; nothing was written. A bug, not a user mistake."""
+
+    exit_code = 4
+
+
+def check_exact(stage: str, reference: Probe, candidate: Probe) -> float:
+    error = relative_error(reference, candidate)
+    if not error <= EXACT_TOLERANCE:
+        raise InexactPassError(f"the {stage} stage changed the float model's logits by {error:.2e} (relative, limit "
+                               f"{EXACT_TOLERANCE:g}), so it is not exact; nothing was written; please report this "
+                               "with the command line")
+    return error
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    float_ppl: float
+    quant_ppl: float
+    agreement: float
+    held_out: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.quant_ppl / self.float_ppl
+
+    def summary(self) -> str:
+        where = "held-out" if self.held_out else "calibration"
+        return (f"verify_ppl={self.quant_ppl:.3f} float_ppl={self.float_ppl:.3f} ratio={self.ratio:.3f} "
+                f"top1_agreement={self.agreement:.3f} ({where} windows)")
+
+
+def collapse_message(report: QualityReport, limit: float, scheme_name: str, smoothing: bool) -> str:
+    hints = []
+    if smoothing:
+        hints.append("a smaller --sq_alpha (0.5)")
+    if "SYMMETRIC_ACT" in scheme_name or scheme_name == "INT8_TRANSFORMER_DEFAULT":
+        hints.append("--include_rotation --include_sq, or INT8_PER_CHANNEL")
+    hints.append("--exclude for the most sensitive layers (e.g. lm_head, down_proj)")
+    return (f"the quantized model collapsed: quick perplexity {report.quant_ppl:.2f} is {report.ratio:.1f}x the float "
+            f"model's {report.float_ppl:.2f} (limit {limit:g}x); try {', or '.join(hints)}; nothing was written "
+            f"(--allow_degraded keeps it, --collapse_ratio changes the limit)")
+
+
+class RunVerifier:
+    """Probes the float input once, then checks each float checkpoint (--verify) and the result."""
+
+    def __init__(self, folder: GenAIFolder, windows: np.ndarray, held_out: bool, exact_checks: bool):
+        self.folder = folder
+        self.windows = windows
+        self.held_out = held_out
+        self.exact_checks = exact_checks
+        self.reference = probe(folder.model_file, folder, windows)
+        self.exact_errors: dict[str, float] = {}
+
+    def after_stage(self, stage: str, model_file: Path) -> None:
+        if self.exact_checks:
+            self.exact_errors[stage] = check_exact(stage, self.reference, probe(model_file, self.folder, self.windows))
+
+    def quality(self, model_file: Path) -> QualityReport:
+        result = probe(model_file, self.folder, self.windows)
+        return QualityReport(self.reference.perplexity, result.perplexity, top1_agreement(self.reference, result),
+                             self.held_out)
+
+    def summary(self) -> str:
+        return " ".join(f"exact_{stage}={error:.1e}" for stage, error in self.exact_errors.items())
