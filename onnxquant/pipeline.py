@@ -35,7 +35,7 @@ from onnxquant.errors import UserError, fail
 from onnxquant.genai_folder import GenAIFolder
 from onnxquant.graph_utils import read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
-from onnxquant.passes import (FoldChannelScalesPass, FoldNormIntoReadersPass, QuantizeGraphPass, RotateR1Pass,
+from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, QuantizeGraphPass, RotateR1Pass,
                               UntieEmbeddingsPass)
 from onnxquant.patterns import QUANT_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
@@ -344,6 +344,33 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
                 after_checkpoint(stage.name, ctx.model_path)
             if previous is not None:
                 shutil.rmtree(previous)  # the reloaded model no longer reads it
-    save_model(ctx.model, output_model)
+    if needs_emulation(ctx.model):
+        # The standard form is written first; the CPU-runnable form is a pass over it, read back from
+        # disk, so no weight is rounded twice.
+        standard = output_model.with_name(output_model.stem + STANDARD_SUFFIX)
+        opset, ir_version = ctx.model.opset_imports.get("", 0), ctx.model.ir_version
+        ctx.model.opset_imports[""] = max(opset, STANDARD_OPSET)
+        ctx.model.ir_version = max(ctx.model.ir_version or 0, STANDARD_IR_VERSION)
+        save_model(ctx.model, standard)
+        del ctx.model
+        emulated = ir.load(standard)
+        run_passes(emulated, [EmulateMicroscalingPass()])
+        emulated.opset_imports[""], emulated.ir_version = opset, ir_version
+        save_model(emulated, output_model)
+    else:
+        save_model(ctx.model, output_model)
     report.seconds = time.perf_counter() - start
     return report
+
+
+# Microscaling models: the standard form (FLOAT4E2M1 codes, FLOAT8E8M0 scales: opset 24+, IR 11+)
+# is written beside the CPU-runnable model.onnx as model.standard.onnx.
+STANDARD_SUFFIX = ".standard.onnx"
+STANDARD_OPSET = 25
+STANDARD_IR_VERSION = 11
+
+
+def needs_emulation(model: ir.Model) -> bool:
+    unsupported = (ir.DataType.FLOAT4E2M1, ir.DataType.FLOAT8E8M0)
+    return any(value.const_value is not None and value.const_value.dtype in unsupported
+               for value in model.graph.initializers.values())

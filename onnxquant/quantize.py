@@ -14,7 +14,7 @@ from onnxquant.cli import HelpFormatter
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import copy_sidecar_files, open_genai_folder
 from onnxquant.memory import peak_rss_mb
-from onnxquant.pipeline import QuantizeSettings, RotationSettings, quantize_model
+from onnxquant.pipeline import STANDARD_SUFFIX, QuantizeSettings, RotationSettings, quantize_model
 from onnxquant.schemes import ALGORITHMS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
 from onnxquant.spec import BLOCK_SIZES
 from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
         if verifier is not None:
             guard(verifier, staging / output_name, settings, args)
     size_mb = sum(f.stat().st_size for f in output_dir.iterdir() if f.name.startswith(output_name)) / 1e6
-    print(report.summary(settings, peak_rss_mb(), size_mb))
+    standard = Path(output_name).stem + STANDARD_SUFFIX
+    standard_mb = sum(f.stat().st_size for f in output_dir.iterdir() if f.name.startswith(standard)) / 1e6
+    print(report.summary(settings, peak_rss_mb(), size_mb) + (f" standard_size_mb={standard_mb:.1f}" if standard_mb else ""))
     return 0
 
 

@@ -115,6 +115,22 @@ def int4_blocks(block_size: int = DEFAULT_BLOCK_SIZE) -> QuantSpec:
     return QuantSpec("int4", "per_block", symmetric=True, block_size=block_size)
 
 
+FP8_E4M3 = QuantSpec("float8e4m3fn", "per_tensor")
+FP8_E4M3_PER_CHANNEL = QuantSpec("float8e4m3fn", "per_channel")
+
+
+def mxfp8_blocks(block_size: int = 32) -> QuantSpec:
+    return QuantSpec("float8e4m3fn", "per_block", block_size=block_size, scale_dtype="e8m0")
+
+
+def mxfp4_blocks(block_size: int = 32) -> QuantSpec:
+    return QuantSpec("float4e2m1", "per_block", block_size=block_size, scale_dtype="e8m0")
+
+
+def nvfp4_blocks(block_size: int = 16) -> QuantSpec:
+    return QuantSpec("float4e2m1", "per_block", block_size=block_size, scale_dtype="e4m3")
+
+
 # 8-bit MatMulNBits for the mixed-precision overrides of the 4-bit schemes (lm_head, ...).
 def uint8_blocks(block_size: int = DEFAULT_BLOCK_SIZE) -> QuantSpec:
     return QuantSpec("uint8", "per_block", symmetric=False, block_size=block_size)
@@ -141,6 +157,18 @@ SCHEMES: dict[str, QuantScheme] = {
         QuantScheme("INT4_PER_GROUP_SYM",
                     "int4 symmetric weights per block of K (MatMulNBits), float activations",
                     int4_blocks(), None, embedding=int4_blocks()),
+        QuantScheme("FP8_E4M3",
+                    "float8 E4M3 per-tensor weights, float8 E4M3 per-tensor static activations (max|x| / 448), QDQ",
+                    FP8_E4M3, FP8_E4M3),
+        QuantScheme("FP8_E4M3_PER_CHANNEL",
+                    "float8 E4M3 per-output-channel weights, float8 E4M3 per-tensor static activations, QDQ",
+                    FP8_E4M3_PER_CHANNEL, FP8_E4M3),
+        QuantScheme("MXFP8_A16", "MXFP8 weights (E4M3, blocks of 32, E8M0 scales), float activations",
+                    mxfp8_blocks(), None),
+        QuantScheme("MXFP4_A16", "MXFP4 weights (E2M1, blocks of 32, E8M0 scales), float activations",
+                    mxfp4_blocks(), None),
+        QuantScheme("NVFP4_A16", "NVFP4 weights (E2M1, blocks of 16, E4M3 scales x a float32 tensor scale), float activations",
+                    nvfp4_blocks(), None),
     )
 }
 

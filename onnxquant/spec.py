@@ -2,15 +2,26 @@
 
 A `QuantSpec` is frozen data validated when it is made; qmin/qmax, bit width and storage types
 follow from the element type, so no code elsewhere writes 127 or "INT8 if signed". The grid
-functions (`quant_params`, `quantize_array`, `dequantize_array`) work for every integer element
-type and every granularity: per tensor, per channel (one scale per output column of a [K, N]
-weight) and per block (blocks of `block_size` along K, one scale per block and column).
+functions (`quant_params`, `quantize_array`, `dequantize_array`) work for every element type,
+integer (int8/uint8/int4/uint4) or float (FP8 E4M3, FP4 E2M1: symmetric, the grid is the format's
+own values, rounded to nearest even and saturated by ml_dtypes), and every granularity: per tensor,
+per channel (one scale per output column of a [K, N] weight) and per block (blocks of `block_size`
+along K, one scale per block and column).
+
+Block scales of the microscaling formats (`scale_dtype`): "e8m0" is OCP MX's shared power of two,
+2^(floor(log2(max|block|)) - emax) with emax the element's largest exponent (8 for E4M3, 2 for E2M1),
+so the block's largest value may saturate (as the OCP spec defines it; the FP-quantization harness
+divides its MXFP4 scale by 0.75 instead, trading that for a coarser grid); "e4m3" is NVFP4's FP8
+block scale max|block| / 6 stored in E4M3, times one float32 scale per tensor
+(max|W| / (448 * 6)) that keeps the FP8 scales in range.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -19,14 +30,20 @@ import onnx_ir as ir
 class ElementType:
     name: str
     bits: int
-    qmin: int
-    qmax: int
+    qmin: float
+    qmax: float
     ir_dtype: ir.DataType
     numpy_dtype: type  # storage dtype of the codes in numpy (4-bit codes live in int8 / uint8 until packed)
+    is_float: bool = False  # a float format (grid = its representable values); symmetric only
 
     @property
     def signed(self) -> bool:
         return self.qmin < 0
+
+    @property
+    def max_exponent(self) -> int:
+        """The exponent of the largest power of two below qmax (OCP MX's emax_elem)."""
+        return int(np.floor(np.log2(self.qmax)))
 
 
 ELEMENT_TYPES: dict[str, ElementType] = {t.name: t for t in (
@@ -34,10 +51,12 @@ ELEMENT_TYPES: dict[str, ElementType] = {t.name: t for t in (
     ElementType("uint8", 8, 0, 255, ir.DataType.UINT8, np.uint8),
     ElementType("int4", 4, -8, 7, ir.DataType.INT4, np.int8),
     ElementType("uint4", 4, 0, 15, ir.DataType.UINT4, np.uint8),
+    ElementType("float8e4m3fn", 8, -448.0, 448.0, ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn, is_float=True),
+    ElementType("float4e2m1", 4, -6.0, 6.0, ir.DataType.FLOAT4E2M1, ml_dtypes.float4_e2m1fn, is_float=True),
 )}
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_block")
-SCALE_DTYPES = ("float32",)
+SCALE_DTYPES = ("float32", "e8m0", "e4m3")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -55,6 +74,9 @@ class QuantSpec:
     # input rows. ORT's u8 x s8 GEMM on AVX2 without VNNI (vpmaddubsw) adds such pairs of
     # products in int16, which saturates above 32767 = 255 * 128.5; with the bound it cannot.
     pair_safe: bool = False
+    # "e4m3" block scales only: the float32 per-tensor scale (0: taken from the weight being rounded;
+    # GPTQ fixes it from the whole weight before rounding column chunks).
+    tensor_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dtype not in ELEMENT_TYPES:
@@ -67,8 +89,12 @@ class QuantSpec:
             raise ValueError("block_size is set exactly when the granularity is per_block")
         if self.granularity == "per_block" and self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block size {self.block_size} is not a power of two in 16..256")
-        if self.pair_safe and self.element.bits != 8:
-            raise ValueError("pair_safe applies to 8-bit weights only")
+        if self.pair_safe and (self.element.bits != 8 or self.element.is_float):
+            raise ValueError("pair_safe applies to 8-bit integer weights only")
+        if self.element.is_float and not self.symmetric:
+            raise ValueError(f"{self.dtype} grids are symmetric")
+        if self.scale_dtype != "float32" and (self.granularity != "per_block" or not self.element.is_float):
+            raise ValueError(f"{self.scale_dtype} scales are for blocked float (microscaling) formats")
 
     @property
     def element(self) -> ElementType:
@@ -95,9 +121,14 @@ class QuantSpec:
         return self.element.numpy_dtype
 
     @property
-    def symmetric_levels(self) -> int:
-        """Positive levels of a symmetric grid: 127 for 8 bits, 7 for 4 bits (zero stays exact)."""
-        return (self.qmax - self.qmin) // 2
+    def is_float(self) -> bool:
+        return self.element.is_float
+
+    @property
+    def symmetric_levels(self) -> float:
+        """The largest code of a symmetric grid: 127 for 8 bits, 7 for 4 bits (zero stays exact),
+        448 for E4M3, 6 for E2M1."""
+        return self.qmax if self.is_float else (self.qmax - self.qmin) // 2
 
     @property
     def symmetric_zero_point(self) -> int:
@@ -122,8 +153,18 @@ def quant_params(rmin: np.ndarray | float, rmax: np.ndarray | float, spec: Quant
     return scale.astype(np.float32), zero_point.astype(spec.numpy_dtype)
 
 
+def round_codes(y: np.ndarray, zero_point: np.ndarray | float, spec: QuantSpec) -> np.ndarray:
+    """x / scale -> the nearest code's value (float64): integers saturated to [qmin, qmax], or the
+    float format's nearest value (ties to even, saturated to +-qmax) as QuantizeLinear does."""
+    if spec.is_float:
+        return np.clip(y, spec.qmin, spec.qmax).astype(spec.numpy_dtype).astype(np.float64)
+    return np.clip(np.rint(y) + zero_point, spec.qmin, spec.qmax)
+
+
 def quantize_array(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """Round-to-nearest-even and saturate, as ONNX QuantizeLinear does."""
+    if spec.is_float:
+        return np.clip(np.asarray(x, np.float32) / scale, spec.qmin, spec.qmax).astype(spec.numpy_dtype)
     q = np.rint(x / scale) + np.asarray(zero_point, dtype=np.float32)  # integers below 2**24: exact
     return np.clip(q, spec.qmin, spec.qmax).astype(spec.numpy_dtype)
 
@@ -152,11 +193,12 @@ class QuantizedWeight:
     zero_point: np.ndarray
     spec: QuantSpec
     k: int
+    tensor_scale: float = 1.0  # NVFP4's per-tensor float32 scale, times every block scale
 
     def dequantize(self) -> np.ndarray:
         """The [K, N] float weight the graph computes with."""
         if self.spec.granularity == "per_block":
-            w = dequantize_array(self.codes, self.scale[..., None], self.zero_point[..., None])
+            w = dequantize_array(self.codes, self.scale[..., None], self.zero_point[..., None]) * np.float32(self.tensor_scale)
             n = w.shape[0]
             return w.reshape(n, -1)[:, : self.k].T
         return dequantize_array(self.codes, self.scale, self.zero_point)
@@ -174,7 +216,8 @@ def concat_columns(parts: list[QuantizedWeight]) -> QuantizedWeight:
     grid_axis = 0
     return QuantizedWeight(np.concatenate([p.codes for p in parts], axis=code_axis),
                            np.concatenate([p.scale for p in parts], axis=grid_axis),
-                           np.concatenate([p.zero_point for p in parts], axis=grid_axis), spec, first.k)
+                           np.concatenate([p.zero_point for p in parts], axis=grid_axis), spec, first.k,
+                           first.tensor_scale)
 
 
 def column_chunks(n: int, width: int) -> list[slice]:
@@ -200,6 +243,8 @@ def block_grid(blocks: np.ndarray, spec: QuantSpec, clip: np.ndarray | float = 1
     maps to -8 (scale = that value / -8, so the scale may be negative) instead of wasting -8.
     """
     clip = np.asarray(clip, dtype=np.float64)
+    if spec.is_float:
+        return float_block_scale(np.abs(blocks).max(axis=-1) * clip, spec), np.zeros(blocks.shape[:-1], spec.numpy_dtype)
     if spec.symmetric and spec.bits == 4:
         index = np.abs(blocks).argmax(axis=-1)[..., None]
         extreme = np.take_along_axis(blocks, index, axis=-1)[..., 0].astype(np.float64) * clip
@@ -212,16 +257,39 @@ def block_grid(blocks: np.ndarray, spec: QuantSpec, clip: np.ndarray | float = 1
     return quant_params(blocks.min(axis=-1) * clip, blocks.max(axis=-1) * clip, spec)
 
 
+def nvfp4_tensor_scale(weight: np.ndarray, spec: QuantSpec) -> QuantSpec:
+    """`spec` with its per-tensor scale fixed from `weight` (e4m3 block scales; else unchanged)."""
+    if spec.scale_dtype != "e4m3" or spec.tensor_scale:
+        return spec
+    peak = float(np.abs(weight).max())
+    return dataclasses.replace(spec, tensor_scale=max(peak / (448.0 * spec.qmax), float(np.finfo(np.float32).tiny)))
+
+
+def float_block_scale(bound: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Each block's scale for a float element format, from its (clipped) max |w|, as float32 (e4m3:
+    the FP8 value, before the per-tensor scale)."""
+    tiny = np.finfo(np.float32).tiny
+    bound = np.maximum(np.asarray(bound, np.float64), tiny)
+    if spec.scale_dtype == "e8m0":
+        return np.exp2(np.floor(np.log2(bound)) - spec.element.max_exponent).astype(np.float32)
+    if spec.scale_dtype == "e4m3":
+        fp8 = np.clip(bound / spec.qmax / spec.tensor_scale, 2.0 ** -9, 448.0).astype(ml_dtypes.float8_e4m3fn)
+        return fp8.astype(np.float32)
+    return (bound / spec.qmax).astype(np.float32)
+
+
 def round_to_nearest(weight: np.ndarray, spec: QuantSpec, clip: np.ndarray | float = 1.0) -> QuantizedWeight:
     """Plain round-to-nearest quantization of a [K, N] weight on `spec`'s grid."""
     from onnxquant.graph_utils import map_blocks
 
     k = weight.shape[0]
     if spec.granularity == "per_block":
+        spec = nvfp4_tensor_scale(weight, spec)
         blocks = padded_blocks(np.asarray(weight, dtype=np.float32), spec.block_size)
         scale, zero_point = block_grid(blocks, spec, clip)
-        codes = quantize_array(blocks, scale[..., None], zero_point[..., None], spec)
-        return QuantizedWeight(codes, scale, zero_point, spec, k)
+        tensor_scale = spec.tensor_scale or 1.0
+        codes = quantize_array(blocks, scale[..., None] * np.float32(tensor_scale), zero_point[..., None], spec)
+        return QuantizedWeight(codes, scale, zero_point, spec, k, tensor_scale)
     reduce_axes = (0,) if spec.granularity == "per_channel" else None
     if spec.symmetric:
         bound = weight_bound(weight, reduce_axes, spec.pair_safe)

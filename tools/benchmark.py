@@ -59,6 +59,8 @@ class Recipe:
             return "float"
         if self.peer is not None:
             return "peers (ORT, ORT-GenAI builder)"
+        if any(flag.startswith(("FP8", "MXFP", "NVFP")) for flag in self.flags):
+            return "onnxquant FP8 / microscaling"
         return "onnxquant W4A16" if "--block_size" in self.flags else "onnxquant W8A8"
 
     @property
@@ -92,6 +94,14 @@ RECIPES = {r.name: r for r in (
     Recipe("int8_pc", "INT8_PER_CHANNEL (per-output-channel weights), moving average", _q("INT8_PER_CHANNEL")),
     Recipe("int8_pc+r1+sq", "INT8_PER_CHANNEL + R1 + SmoothQuant", _q("INT8_PER_CHANNEL", R1, SQ)),
     Recipe("int8_symact", "INT8_SYMMETRIC_ACT (signed symmetric activations), moving average", _q("INT8_SYMMETRIC_ACT")),
+    Recipe("fp8", "FP8_E4M3 (E4M3 per-tensor weights and static activations), moving average", _q("FP8_E4M3")),
+    Recipe("fp8+r1+sq", "FP8_E4M3 + R1 + SmoothQuant", _q("FP8_E4M3", R1, SQ)),
+    Recipe("fp8_pc+r1+sq", "FP8_E4M3_PER_CHANNEL + R1 + SmoothQuant", _q("FP8_E4M3_PER_CHANNEL", R1, SQ)),
+    Recipe("mxfp8_w", "MXFP8_A16 weight-only, round to nearest", ("--config", "MXFP8_A16")),
+    Recipe("mxfp4_w", "MXFP4_A16 weight-only, round to nearest", ("--config", "MXFP4_A16", "--allow_degraded")),
+    Recipe("mxfp4_w_gptq", "MXFP4_A16 weight-only + GPTQ", ("--config", "MXFP4_A16", "--algo", "gptq")),
+    Recipe("nvfp4_w", "NVFP4_A16 weight-only, round to nearest", ("--config", "NVFP4_A16")),
+    Recipe("nvfp4_w_gptq", "NVFP4_A16 weight-only + GPTQ", ("--config", "NVFP4_A16", "--algo", "gptq")),
     Recipe("int8_symact_pc+r1+sq", "INT8_SYMMETRIC_ACT_PER_CHANNEL + R1 + SmoothQuant",
            _q("INT8_SYMMETRIC_ACT_PER_CHANNEL", R1, SQ)),
     *_W4_RECIPES,
@@ -170,7 +180,12 @@ def run_child(args: list[str], log: Path) -> tuple[float, float, str]:
 
 
 def model_size_mb(folder: GenAIFolder) -> float:
+    """model.onnx and its data; for microscaling models the standard form (model.standard.onnx), the
+    format's size, rather than the CPU-runnable emulation."""
     name = folder.model_file.name
+    standard = folder.model_file.with_name(folder.model_file.stem + ".standard.onnx")
+    if standard.is_file():
+        name = standard.name
     return sum(f.stat().st_size for f in folder.path.iterdir() if f.name.startswith(name)) / 1e6
 
 

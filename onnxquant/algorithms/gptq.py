@@ -18,7 +18,8 @@ import numpy as np
 import scipy.linalg
 
 from onnxquant.algorithms.rtn import clip_search
-from onnxquant.spec import QuantizedWeight, QuantSpec, column_chunks, concat_columns, padded_blocks, round_to_nearest
+from onnxquant.spec import (QuantizedWeight, QuantSpec, column_chunks, concat_columns, nvfp4_tensor_scale, padded_blocks,
+                            round_codes, round_to_nearest)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
 
 def gptq_round(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, settings: GPTQSettings = GPTQSettings()) -> QuantizedWeight:
     k, n = weight.shape
+    spec = nvfp4_tensor_scale(weight, spec)  # one per-tensor scale for every column chunk
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -66,7 +68,8 @@ def _gptq_columns(weight: np.ndarray, dead: np.ndarray, importance: np.ndarray, 
     grid = clip_search(w.astype(np.float32), spec, importance) if settings.clip_search else round_to_nearest(w.astype(np.float32), spec)
     if spec.granularity == "per_block":
         # Scale and zero point of each (processed) row's block: [blocks, N] indexed per row.
-        block_scale, block_zero = grid.scale.T.astype(np.float64), grid.zero_point.T.astype(np.float64)
+        block_scale = grid.scale.T.astype(np.float64) * grid.tensor_scale
+        block_zero = grid.zero_point.T.astype(np.float64)
         row_block = (order // spec.block_size)
     else:
         block_scale = np.broadcast_to(np.asarray(grid.scale, np.float64), (n,))[None, :]
@@ -81,7 +84,7 @@ def _gptq_columns(weight: np.ndarray, dead: np.ndarray, importance: np.ndarray, 
         for i in range(end - start):
             row = start + i
             scale, zero = block_scale[row_block[row]], block_zero[row_block[row]]
-            q = np.clip(np.rint(block[i] / scale) + zero, spec.qmin, spec.qmax)
+            q = round_codes(block[i] / scale, zero, spec)
             codes[row] = q
             error = (block[i] - (q - zero) * scale) / hinv[row, row]
             block[i:] -= np.outer(hinv[row, row:end], error)
@@ -95,4 +98,4 @@ def _gptq_columns(weight: np.ndarray, dead: np.ndarray, importance: np.ndarray, 
     blocks = padded_blocks(codes.astype(np.float32), spec.block_size)
     if k % spec.block_size:
         blocks[:, -1, k % spec.block_size:] = grid.zero_point[:, -1:].astype(np.float32)
-    return QuantizedWeight(blocks.astype(spec.numpy_dtype), grid.scale, grid.zero_point, spec, k)
+    return QuantizedWeight(blocks.astype(spec.numpy_dtype), grid.scale, grid.zero_point, spec, k, grid.tensor_scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxquant.spec import (QuantizedWeight, QuantSpec, block_grid, column_chunks, concat_columns, padded_blocks,
+from onnxquant.spec import (QuantizedWeight, QuantSpec, block_grid, column_chunks, concat_columns, nvfp4_tensor_scale, padded_blocks,
                             quantize_array, round_to_nearest)
 
 CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
@@ -17,6 +17,7 @@ def clip_search(weight: np.ndarray, spec: QuantSpec, importance: np.ndarray | No
     error is weighted by how large the inputs of row k are; None weighs rows equally)."""
     if spec.granularity != "per_block":
         return round_to_nearest(weight, spec)
+    spec = nvfp4_tensor_scale(weight, spec)
     return concat_columns([_clip_search_columns(weight[:, cols], spec, importance)
                            for cols in column_chunks(weight.shape[1], COLUMNS_PER_CHUNK)])
 
@@ -27,8 +28,10 @@ def _clip_search_columns(weight: np.ndarray, spec: QuantSpec, importance: np.nda
                                                            spec.block_size)[0]  # [B, bs]
     best_err = np.full(blocks.shape[:2], np.inf)
     best_ratio = np.ones(blocks.shape[:2])
+    tensor_scale = np.float32(spec.tensor_scale or 1.0)
     for ratio in CLIP_RATIOS:
         scale, zero = block_grid(blocks, spec, ratio)
+        scale = scale * tensor_scale
         codes = quantize_array(blocks, scale[..., None], zero[..., None], spec)
         err = (((codes.astype(np.float32) - zero[..., None].astype(np.float32)) * scale[..., None] - blocks) ** 2 * weights).sum(-1)
         better = err < best_err

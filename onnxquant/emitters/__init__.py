@@ -8,6 +8,8 @@ to the function that rewrites the node:
 - ("MatMul", "blocked"): com.microsoft MatMulNBits, 4 or 8 bits per block of K.
 - ("Gather", "rows"): int8 embedding rows gathered first and scaled after.
 - ("Gather", "blocked"): com.microsoft GatherBlockQuantized, 4-bit blocks along the hidden axis.
+- ("MatMul", "microscaling"): float element codes (FP8 / FP4) and block scales with a blocked
+  DequantizeLinear (MXFP8, MXFP4, NVFP4), standard ONNX.
 
 Weights are rounded by a `WeightRounder` (round to nearest, or GPTQ from onnxquant.algorithms)
 when the model is written, one weight at a time.
@@ -75,7 +77,9 @@ def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 def weight_format(planned: PlannedNode) -> str:
     if planned.op == "Gather":
         return "blocked" if planned.weights.granularity == "per_block" else "rows"
-    return "blocked" if planned.weights.granularity == "per_block" else "qdq"
+    if planned.weights.granularity != "per_block":
+        return "qdq"
+    return "microscaling" if planned.weights.is_float else "blocked"
 
 
 Emitter = Callable[[EmitContext, ir.Node, PlannedNode], None]
@@ -84,9 +88,11 @@ Emitter = Callable[[EmitContext, ir.Node, PlannedNode], None]
 def _registry() -> dict[tuple[str, str], Emitter]:
     from onnxquant.emitters.gather import emit_gather_block_quantized, emit_int8_rows
     from onnxquant.emitters.matmul_nbits import emit_matmul_nbits
+    from onnxquant.emitters.microscaling import emit_microscaling_weight
     from onnxquant.emitters.qdq import emit_qdq_weight
 
     return {("MatMul", "qdq"): emit_qdq_weight, ("MatMul", "blocked"): emit_matmul_nbits,
+            ("MatMul", "microscaling"): emit_microscaling_weight,
             ("Gather", "rows"): emit_int8_rows, ("Gather", "blocked"): emit_gather_block_quantized}
 
 
