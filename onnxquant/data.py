@@ -38,8 +38,13 @@ def embedded_bytes(name: str) -> bytes:
 
 
 def embedded_text(split: str) -> str:
-    """WikiText-2's raw test split ("test") or tokenized validation split ("validation"), from the package."""
-    return embedded_bytes(EMBEDDED_SPLITS[split]).decode("utf-8")
+    """WikiText-2's raw test split ("test") or tokenized validation split ("validation"), from the package.
+
+    Newlines are translated as text-mode reading translates them (wiki.test.raw has CRLF line ends),
+    so the embedded text equals what `read_text_file` gives for the same file, and so do perplexities.
+    """
+    text = embedded_bytes(EMBEDDED_SPLITS[split]).decode("utf-8")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def resolve_text(path: str | Path | None, dataset: str | None, split: str) -> str:

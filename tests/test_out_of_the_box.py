@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from onnxquant.data import EMBEDDED_SHA256, embedded_bytes, embedded_text
+from onnxquant.data import EMBEDDED_SHA256, EMBEDDED_SPLITS, embedded_bytes, embedded_text, read_text_file
 
 from conftest import assert_user_error, run_module
 
@@ -16,6 +16,11 @@ def test_embedded_wikitext_is_byte_identical_to_the_shared_copy(wikitext_dir, na
     data = embedded_bytes(name)
     assert hashlib.sha256(data).hexdigest() == EMBEDDED_SHA256[name]
     assert data == (wikitext_dir / name).read_bytes()
+
+
+@pytest.mark.parametrize("split", sorted(EMBEDDED_SPLITS))
+def test_embedded_text_equals_the_shared_file_read_as_text(wikitext_dir, split):
+    assert embedded_text(split) == read_text_file(wikitext_dir / EMBEDDED_SPLITS[split])
 
 
 def test_embedded_splits_decode_as_text():
