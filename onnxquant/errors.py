@@ -7,6 +7,9 @@ import sys
 from typing import Callable, NoReturn
 
 
+USER_ERROR_EXIT_CODE = 2
+
+
 class UserError(Exception):
     """A mistake in what the user asked for: bad path, wrong config, too little data.
 
@@ -15,10 +18,7 @@ class UserError(Exception):
     result (a collapsed model, an inexact pass) use their own codes.
     """
 
-    exit_code = 2
-
-
-USER_ERROR_EXIT_CODE = 2
+    exit_code = USER_ERROR_EXIT_CODE
 
 
 def fail(message: str) -> NoReturn:

@@ -64,6 +64,20 @@ class GenAIFolder:
         return names
 
 
+# Microscaling models: the standard ONNX form is written beside the CPU-runnable model.onnx under this
+# suffix (model.standard.onnx), with its own external data.
+STANDARD_SUFFIX = ".standard.onnx"
+
+
+def standard_model_name(model_name: str) -> str:
+    return Path(model_name).stem + STANDARD_SUFFIX
+
+
+def model_bytes(directory: Path, model_name: str) -> int:
+    """Bytes on disk of `model_name` in `directory` and its external data files (`<name>.data`, ...)."""
+    return sum(f.stat().st_size for f in Path(directory).iterdir() if f.name.startswith(model_name))
+
+
 def check_model_file(model_file: Path) -> None:
     """Refuse a model.onnx that does not parse, or whose external data files are missing or short."""
     import onnx

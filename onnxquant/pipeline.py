@@ -32,7 +32,7 @@ from onnxquant.calibration import (ChannelAbsMaxObserver, ChannelExtremaRecorder
                                    token_sample_reader)
 from onnxquant.emitters import nearest_rounder
 from onnxquant.errors import UserError, fail
-from onnxquant.genai_folder import GenAIFolder
+from onnxquant.genai_folder import GenAIFolder, standard_model_name
 from onnxquant.graph_utils import read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
 from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, QuantizeGraphPass, RotateR1Pass,
@@ -347,7 +347,7 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
     if needs_emulation(ctx.model):
         # The standard form is written first; the CPU-runnable form is a pass over it, read back from
         # disk, so no weight is rounded twice.
-        standard = output_model.with_name(output_model.stem + STANDARD_SUFFIX)
+        standard = output_model.with_name(standard_model_name(output_model.name))
         opset, ir_version = ctx.model.opset_imports.get("", 0), ctx.model.ir_version
         ctx.model.opset_imports[""] = max(opset, STANDARD_OPSET)
         ctx.model.ir_version = max(ctx.model.ir_version or 0, STANDARD_IR_VERSION)
@@ -363,9 +363,7 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
     return report
 
 
-# Microscaling models: the standard form (FLOAT4E2M1 codes, FLOAT8E8M0 scales: opset 24+, IR 11+)
-# is written beside the CPU-runnable model.onnx as model.standard.onnx.
-STANDARD_SUFFIX = ".standard.onnx"
+# The standard form of microscaling models (FLOAT4E2M1 codes, FLOAT8E8M0 scales) needs opset 24+, IR 11+.
 STANDARD_OPSET = 25
 STANDARD_IR_VERSION = 11
 

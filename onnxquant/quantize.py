@@ -9,12 +9,12 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from onnxquant.data import cut_windows, resolve_text, tokenize_prefix
 from onnxquant.cli import HelpFormatter
+from onnxquant.data import cut_windows, resolve_text, tokenize_prefix
 from onnxquant.errors import fail, run_cli
-from onnxquant.genai_folder import copy_sidecar_files, open_genai_folder
+from onnxquant.genai_folder import copy_sidecar_files, model_bytes, open_genai_folder, standard_model_name
 from onnxquant.memory import peak_rss_mb
-from onnxquant.pipeline import STANDARD_SUFFIX, QuantizeSettings, RotationSettings, quantize_model
+from onnxquant.pipeline import QuantizeSettings, RotationSettings, quantize_model
 from onnxquant.schemes import ALGORITHMS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
 from onnxquant.spec import BLOCK_SIZES
 from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
     output_dir, output_name = (out.parent, out.name) if out.suffix == ".onnx" else (out, "model.onnx")
     check_output_dir(output_dir, [folder.path], args.overwrite)
     # The output is at most the input's size; each float stage (rotation, smoothing) writes a scratch copy.
-    input_bytes = sum(f.stat().st_size for f in folder.path.iterdir() if f.name.startswith(folder.model_file.name))
+    input_bytes = model_bytes(folder.path, folder.model_file.name)
     float_stages = (settings.rotation is not None) + (settings.sq_alpha is not None)
     require_free_space(output_dir, input_bytes * (1 + float_stages), f"quantizing {folder.model_file}")
     if args.num_calib_data < 1 or args.seq_len < 2:
@@ -135,25 +135,24 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
         copy_sidecar_files(folder, staging, output_name)
         if verifier is not None:
             guard(verifier, staging / output_name, settings, args)
-    size_mb = sum(f.stat().st_size for f in output_dir.iterdir() if f.name.startswith(output_name)) / 1e6
-    standard = Path(output_name).stem + STANDARD_SUFFIX
-    standard_mb = sum(f.stat().st_size for f in output_dir.iterdir() if f.name.startswith(standard)) / 1e6
+    size_mb = model_bytes(output_dir, output_name) / 1e6
+    standard_mb = model_bytes(output_dir, standard_model_name(output_name)) / 1e6
     print(report.summary(settings, peak_rss_mb(), size_mb) + (f" standard_size_mb={standard_mb:.1f}" if standard_mb else ""))
     return 0
 
 
 def guard(verifier: RunVerifier, model_file: Path, settings: QuantizeSettings, args) -> None:
     """Print the verification line; refuse a collapsed result unless --allow_degraded."""
-    line = "verify: " + verifier.summary()
+    parts = [verifier.summary()]
     if not settings.skip_quantization:
         quality = verifier.quality(model_file)
-        line += " " + quality.summary()
+        parts.append(quality.summary())
         if args.collapse_ratio and quality.ratio > args.collapse_ratio:
             message = collapse_message(quality, args.collapse_ratio, settings.scheme.name, settings.sq_alpha is not None)
             if not args.allow_degraded:
                 raise CollapsedModelError(message)
-            line += " degraded=kept (--allow_degraded)"
-    print(line.replace("verify:  ", "verify: "), flush=True)
+            parts.append("degraded=kept (--allow_degraded)")
+    print("verify: " + " ".join(part for part in parts if part), flush=True)
 
 
 if __name__ == "__main__":

@@ -54,4 +54,3 @@ def prefill_feeds(specs: list[tuple[str, type]], folder: GenAIFolder, ids: np.nd
         else:
             raise ValueError(f"unexpected graph input {name!r}; the folder is not an ORT-GenAI decoder")
     return feeds
-

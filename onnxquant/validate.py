@@ -12,6 +12,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -73,13 +74,14 @@ class GenAIBackend:
 
 
 class OrtBackend:
-    """Logits through a plain onnxruntime session, as a cross-check of the GenAI path."""
+    """Logits through a plain onnxruntime session, as a cross-check of the GenAI path (of the folder's
+    model, or of another model file with the same inputs, e.g. a pipeline checkpoint)."""
 
-    def __init__(self, folder: GenAIFolder):
+    def __init__(self, folder: GenAIFolder, model_file: Path | None = None):
         from onnxquant.runtime import input_specs, make_session
 
         self.folder = folder
-        self.session = make_session(folder.model_file)
+        self.session = make_session(model_file or folder.model_file)
         self.specs = input_specs(self.session)
 
     def logits(self, window: np.ndarray) -> np.ndarray:

@@ -19,8 +19,7 @@ import numpy as np
 
 from onnxquant.errors import UserError, fail
 from onnxquant.genai_folder import GenAIFolder
-from onnxquant.runtime import input_specs, make_session, prefill_feeds
-from onnxquant.validate import window_nll
+from onnxquant.validate import OrtBackend, window_nll
 
 # Float32 rotations and smoothing measured 3e-6 (R1) to 2e-5 (R1 + SmoothQuant) on SmolLM2; an
 # inexact pass (a wrong pair, a missed reader) moves logits by whole units.
@@ -58,23 +57,22 @@ def held_out_windows(ids: np.ndarray, used: int, seq_len: int, count: int) -> tu
     available = len(ids) // seq_len
     if available == 0:
         fail(f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len} to verify on; "
-             "give more text or pass --no_verify")
+             "give more text or pass --collapse_ratio 0 without --verify")
     start = min(used, max(available - count, 0))
     stop = min(start + count, available)
     return ids[start * seq_len: stop * seq_len].reshape(-1, seq_len), start >= used
 
 
 def probe(model_file: Path, folder: GenAIFolder, windows: np.ndarray) -> Probe:
-    session = make_session(model_file)
-    specs = input_specs(session)
+    backend = OrtBackend(folder, model_file)
     positions = np.unique(np.linspace(0, windows.shape[1] - 2, SAMPLED_POSITIONS).astype(int))
     nll, top1, sampled = [], [], []
     for window in windows:
-        logits = session.run(["logits"], prefill_feeds(specs, folder, window.reshape(1, -1)))[0][0]
+        logits = backend.logits(window)
         top1.append(logits[:-1].argmax(axis=-1))
         sampled.append(logits[positions].copy())
         nll.append(window_nll(logits, window))
-    del session
+    del backend
     return Probe(tuple(nll), tuple(top1), tuple(sampled))
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from onnxquant.cli import HelpFormatter
 from onnxquant.data import EMBEDDED_SPLITS, calibration_windows, resolve_text, tokenize
 from onnxquant.errors import fail, run_cli
-from onnxquant.genai_folder import GenAIFolder, open_genai_folder
+from onnxquant.genai_folder import GenAIFolder, model_bytes, open_genai_folder, standard_model_name
 from onnxquant.runtime import input_specs, make_session, prefill_feeds, usable_cores
 from onnxquant.schemes import SCHEMES
 
@@ -183,10 +183,9 @@ def model_size_mb(folder: GenAIFolder) -> float:
     """model.onnx and its data; for microscaling models the standard form (model.standard.onnx), the
     format's size, rather than the CPU-runnable emulation."""
     name = folder.model_file.name
-    standard = folder.model_file.with_name(folder.model_file.stem + ".standard.onnx")
-    if standard.is_file():
-        name = standard.name
-    return sum(f.stat().st_size for f in folder.path.iterdir() if f.name.startswith(name)) / 1e6
+    if (folder.path / standard_model_name(name)).is_file():
+        name = standard_model_name(name)
+    return model_bytes(folder.path, name) / 1e6
 
 
 def calibration_floor(folder: GenAIFolder, samples: np.ndarray) -> float:
@@ -322,7 +321,7 @@ def write_plot(rows: list[Row], path: Path, title: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = {"float": "tab:gray", "onnxquant W8A8": "tab:blue", "onnxquant W4A16": "tab:green",
-              "peers (ORT, ORT-GenAI builder)": "tab:red"}
+              "onnxquant FP8 / microscaling": "tab:purple", "peers (ORT, ORT-GenAI builder)": "tab:red"}
     shown = [row for row in rows if not row.extra.get("crashed") and np.isfinite(row.ppl)]
     for series, color in colors.items():
         members = [row for row in shown if RECIPES[row.config.split("@")[0]].series == series]

@@ -51,9 +51,8 @@ class EmulateMicroscalingPass(ir.passes.InPlacePass):
     @staticmethod
     def _float32_copy(graph: ir.Graph, value: ir.Value) -> ir.Value:
         tensor = value.const_value
-        copy = add_initializer(graph, f"{value.name}_float", lambda: tensor.numpy().astype(np.float32),
+        return add_initializer(graph, f"{value.name}_float", lambda: tensor.numpy().astype(np.float32),
                                dtype=ir.DataType.FLOAT, shape=tuple(tensor.shape))
-        return copy
 
     @staticmethod
     def _rewrite_fp4(graph: ir.Graph, node: ir.Node, table: ir.Value) -> None:
