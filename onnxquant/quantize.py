@@ -31,11 +31,11 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--input_model_path", required=True, help="model.onnx of an ORT-GenAI folder (or the folder)")
     add("--output_model_path", required=True, help="model.onnx in a new folder (or the folder)")
     add("--config", default="INT8_TRANSFORMER_DEFAULT", help=f"scheme: {', '.join(SCHEMES)}")
-    add("--block_size", type=int, default=None, help="4-bit schemes: weights per block along K (16..256, power of two; default 128)")
-    add("--algo", choices=ALGORITHMS, default=None, help="4-bit schemes: weight rounding (default rtn)")
+    add("--block_size", type=int, default=None, help="blocked weight schemes: weights per block along K (16..256, power of two; default: the scheme's, 128 for 4-bit, 32 for MX, 16 for NVFP4)")
+    add("--algo", choices=ALGORITHMS, default=None, help="blocked weight schemes: weight rounding (default rtn)")
     add("--accuracy_level", type=int, default=0, help="MatMulNBits accuracy_level: 0, 1, 2 or 4 (int8 compute)")
     add("--clip_search", action="store_true", help="RTN: per-block clip ratio minimizing the block's error")
-    add("--int8_nodes", action="append", default=[], help="4-bit schemes: keep nodes matching this at 8 bits (repeatable), e.g. lm_head")
+    add("--int8_nodes", action="append", default=[], help="blocked weight schemes: keep nodes matching this at 8 bits (repeatable), e.g. lm_head")
     add("--num_calib_data", type=int, default=64, help="number of calibration samples")
     add("--seq_len", type=int, default=512, help="tokens per calibration sample")
     add("--calib_data", default=None, help="calibration text file (default: the embedded WikiText-2 validation split)")
@@ -83,7 +83,8 @@ def settings_from_args(args) -> QuantizeSettings:
     blocked = scheme.weights.granularity == "per_block"
     for flag, value in (("--block_size", args.block_size), ("--algo", args.algo), ("--int8_nodes", args.int8_nodes or None)):
         if value is not None and not blocked:
-            fail(f"{flag} applies to the 4-bit schemes (UINT4_PER_GROUP_ASYM, INT4_PER_GROUP_SYM), not {scheme.name}")
+            blocked_schemes = ", ".join(name for name, s in SCHEMES.items() if s.weights.granularity == "per_block")
+            fail(f"{flag} applies to the blocked weight schemes ({blocked_schemes}), not {scheme.name}")
     if args.block_size is not None and args.block_size not in BLOCK_SIZES:
         fail(f"--block_size {args.block_size} is not a power of two in 16..256; use one of {', '.join(map(str, BLOCK_SIZES))}")
     if args.accuracy_level not in (0, 1, 2, 4):

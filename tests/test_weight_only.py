@@ -97,7 +97,7 @@ def test_4bit_model_runs_in_ort_genai_near_float(tiny_models, tmp_path, calib_te
 
 @pytest.mark.parametrize("flags,needle", [
     (("--config", "UINT4_PER_GROUP_ASYM", "--block_size", "100"), "--block_size 100 is not a power of two"),
-    (("--config", "INT8_TRANSFORMER_DEFAULT", "--algo", "gptq"), "--algo applies to the 4-bit schemes"),
+    (("--config", "INT8_TRANSFORMER_DEFAULT", "--algo", "gptq"), "--algo applies to the blocked weight schemes (UINT4_PER_GROUP_ASYM"),
     (("--config", "UINT4_PER_GROUP_ASYM", "--accuracy_level", "3"), "--accuracy_level 3"),
     (("--config", "UINT4_PER_GROUP_ASYM", "--int8_nodes", "no_such_head"), "'no_such_head'"),
 ])
