@@ -11,6 +11,9 @@ import onnx_ir as ir
 NORM_OPS = frozenset({"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"})
 QUANT_METADATA_KEY = "onnxquant.quantization"
 ROTATION_METADATA_KEY = "onnxquant.rotation"
+HADAMARD_GROUPS_METADATA_KEY = "onnxquant.hadamard_groups"
+# Node metadata on a MatMul that applies an online rotation (its constant is not a weight to quantize).
+ONLINE_ROTATION_KEY = "onnxquant.online_rotation"
 
 
 @dataclass(frozen=True)
@@ -43,8 +46,8 @@ def constant_weight(node: ir.Node, index: int = 1) -> ir.Value | None:
 
 
 def is_const_matmul(node: ir.Node | None) -> bool:
-    """A standard MatMul whose second input is a constant 2-D float weight."""
-    if node is None or node.op_type != "MatMul" or node.domain != "":
+    """A standard MatMul whose second input is a constant 2-D float weight (not an online rotation)."""
+    if node is None or node.op_type != "MatMul" or node.domain != "" or ONLINE_ROTATION_KEY in node.metadata_props:
         return False
     weight = constant_weight(node)
     return weight is not None and weight.dtype == ir.DataType.FLOAT and weight.shape is not None and len(weight.shape) == 2

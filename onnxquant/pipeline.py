@@ -1,8 +1,9 @@
 """The quantization pipeline: an ordered recipe of stages, each a set of graph passes plus what it
 needs from calibration, run on an ORT-GenAI folder.
 
-RECIPE = ROTATE (untie, fold norms, QuaRot R1) -> SMOOTH (SmoothQuant) -> QUANTIZE (AWQ scales,
-then the emitters with RTN / GPTQ rounding). A stage's `prepare` makes changes that leave every
+RECIPE = ROTATE (untie, fold norms, QuaRot R1) -> SMOOTH (SmoothQuant) -> HADAMARD_GROUPS
+(block-diagonal Hadamard on each quantized MatMul's input) -> QUANTIZE (AWQ scales, then the
+emitters with RTN / GPTQ rounding). A stage's `prepare` makes changes that leave every
 activation as it is (untying the embedding) and returns the observers it needs; if any, one ORT
 calibration pass over the model as it is on disk feeds them; `build` turns the statistics into
 passes, which run through onnx_ir's `Sequential` (their `requires` checks preconditions). A stage
@@ -35,8 +36,8 @@ from onnxquant.errors import UserError, fail
 from onnxquant.genai_folder import GenAIFolder, standard_model_name
 from onnxquant.graph_utils import read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
-from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, QuantizeGraphPass, RotateR1Pass,
-                              UntieEmbeddingsPass)
+from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, HadamardGroupsPass,
+                              QuantizeGraphPass, RotateR1Pass, UntieEmbeddingsPass)
 from onnxquant.patterns import QUANT_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
 from onnxquant.rotation_config import load_rotation_config, resolve_pairs
@@ -60,6 +61,7 @@ class QuantizeSettings:
     sq_alpha: float | None = None  # None: no SmoothQuant
     skip_quantization: bool = False
     gptq: GPTQSettings = GPTQSettings()
+    hadamard_group_size: int | None = None  # None: no Hadamard groups
 
     @property
     def needs_calibration(self) -> bool:
@@ -84,6 +86,8 @@ class QuantizeReport:
         if scheme.weight_only and not settings.skip_quantization:
             config += f" algo={scheme.algo}"
         extras = " rotation=R1" if settings.rotation is not None else ""
+        if settings.hadamard_group_size is not None:
+            extras += f" hadamard_groups={settings.hadamard_group_size}"
         if settings.sq_alpha is not None:
             extras += f" smoothed={self.smoothed} sq_alpha={settings.sq_alpha} sq_inserted_muls={len(self.inserted_muls)}"
         if self.calibration_passes and (settings.sq_alpha is not None or scheme.algo != "rtn"):
@@ -188,6 +192,26 @@ def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
     return [fold]
 
 
+# --- HADAMARD GROUPS ----------------------------------------------------------------------------
+
+def _prepare_hadamard_groups(ctx: StageContext) -> list[Observation]:
+    UntieEmbeddingsPass()(ctx.model)
+    plan = _plan(ctx)
+    group = ctx.settings.hadamard_group_size
+    by_name = nodes_by_name(ctx.model.graph)
+    for node in plan.matmuls:
+        rows = constant_weight(by_name[node.name]).shape[0]
+        if rows % group:
+            fail(f"--hadamard_group_size {group} does not divide K={rows} of MatMul '{node.name}'; "
+                 f"choose a group size that divides it or pass --exclude {node.name}")
+    ctx.state["plan"] = plan
+    return []
+
+
+def _build_hadamard_groups(ctx: StageContext) -> list[ir.passes.PassBase]:
+    return [HadamardGroupsPass(ctx.state["plan"].activations, ctx.settings.hadamard_group_size)]
+
+
 # --- QUANTIZE -----------------------------------------------------------------------------------
 
 def _prepare_quantization(ctx: StageContext) -> list[Observation]:
@@ -280,8 +304,10 @@ def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.ndarray
 
 ROTATE = Stage("rotate", lambda s: s.rotation is not None, _prepare_rotation, _build_rotation, checkpoint=True)
 SMOOTH = Stage("smooth", lambda s: s.sq_alpha is not None, _prepare_smoothing, _build_smoothing, checkpoint=True)
+HADAMARD_GROUPS = Stage("hadamard_groups", lambda s: s.hadamard_group_size is not None, _prepare_hadamard_groups,
+                        _build_hadamard_groups, checkpoint=True)
 QUANTIZE = Stage("quantize", lambda s: not s.skip_quantization, _prepare_quantization, _build_quantization, checkpoint=False)
-RECIPE = (ROTATE, SMOOTH, QUANTIZE)
+RECIPE = (ROTATE, SMOOTH, HADAMARD_GROUPS, QUANTIZE)
 
 
 def _user_error_in(exc: BaseException) -> UserError | None:

@@ -22,6 +22,7 @@ from onnxquant.verification import (DEFAULT_COLLAPSE_RATIO, CollapsedModelError,
                                     held_out_windows)
 
 VERIFY_WINDOWS = 4
+HADAMARD_GROUP_SIZES = (16, 32, 64, 128)
 
 
 def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.ArgumentParser:
@@ -50,11 +51,13 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--hidden_size", type=int, default=None, help="rotation size; must equal the model's hidden size")
     add("--use_random_had", action="store_true", help="multiply the Hadamard by a seeded random ±1 diagonal")
     add("--seed", type=int, default=0)
+    add("--hadamard_group_size", type=int, default=None,
+        help="block-diagonal Hadamard groups of this size (16, 32, 64 or 128) on every quantized MatMul's input, folded into its weight")
     add("--include_sq", action="store_true", help="apply SmoothQuant, folded into the graph")
     add("--sq_alpha", type=float, default=None, help="SmoothQuant migration strength in (0, 1) (default: the scheme's)")
     add("--skip_quantization", action="store_true", help="run only the graph passes; write a float model")
     add("--overwrite", action="store_true", help="replace a non-empty output folder")
-    add("--verify", action="store_true", help="also check that each float stage (rotation, smoothing) left the logits exact")
+    add("--verify", action="store_true", help="also check that each float stage (rotation, smoothing, Hadamard groups) left the logits exact")
     add("--collapse_ratio", type=float, default=DEFAULT_COLLAPSE_RATIO,
         help="refuse the result when its quick perplexity exceeds the float model's by this factor (0: no check)")
     add("--allow_degraded", action="store_true", help="keep the output even when the collapse guard fires")
@@ -101,7 +104,10 @@ def settings_from_args(args) -> QuantizeSettings:
         sq_alpha = scheme.sq_alpha if args.sq_alpha is None else args.sq_alpha
         if not 0.0 < sq_alpha < 1.0:
             fail(f"--sq_alpha must be between 0 and 1 (exclusive), got {sq_alpha}")
-    return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization)
+    group = args.hadamard_group_size
+    if group is not None and group not in HADAMARD_GROUP_SIZES:
+        fail(f"--hadamard_group_size {group} is not one of {', '.join(map(str, HADAMARD_GROUP_SIZES))}")
+    return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, hadamard_group_size=group)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantize") -> int:
@@ -111,9 +117,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
     out = Path(args.output_model_path)
     output_dir, output_name = (out.parent, out.name) if out.suffix == ".onnx" else (out, "model.onnx")
     check_output_dir(output_dir, [folder.path], args.overwrite)
-    # The output is at most the input's size; each float stage (rotation, smoothing) writes a scratch copy.
+    # The output is at most the input's size; each float stage (rotation, smoothing, Hadamard groups) writes a scratch copy.
     input_bytes = model_bytes(folder.path, folder.model_file.name)
-    float_stages = (settings.rotation is not None) + (settings.sq_alpha is not None)
+    float_stages = sum(x is not None for x in (settings.rotation, settings.sq_alpha, settings.hadamard_group_size))
     require_free_space(output_dir, input_bytes * (1 + float_stages), f"quantizing {folder.model_file}")
     if args.num_calib_data < 1 or args.seq_len < 2:
         fail("--num_calib_data must be at least 1 and --seq_len at least 2")

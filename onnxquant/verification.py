@@ -3,7 +3,7 @@
 A probe runs a model over a few held-out windows of the calibration text in plain ONNX Runtime
 and keeps, per window, the mean NLL, the top-1 token at every position and the full logits at a
 few sampled positions. Comparing probes gives:
-- exactness of the float graph passes (rotation, smoothing): max |delta logit| / max |logit| at the
+- exactness of the float graph passes (rotation, smoothing, Hadamard groups): max |delta logit| / max |logit| at the
   sampled positions, which must stay below EXACT_TOLERANCE;
 - for the quantized model: top-1 agreement with the float model and a quick perplexity, which the
   collapse guard compares with the float model's.

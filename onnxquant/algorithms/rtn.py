@@ -8,6 +8,9 @@ from onnxquant.spec import (QuantizedWeight, QuantSpec, block_grid, column_chunk
                             quantize_array, round_to_nearest)
 
 CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
+# A power-of-two (E8M0) scale can only move by whole exponents; OCP's floor(log2 max) may saturate a
+# block's largest values, so the search also tries the next exponent up (the MSE observer of MX).
+E8M0_CLIP_RATIOS = (2.0, 1.0, 0.5)
 COLUMNS_PER_CHUNK = 4096  # output columns searched at once: bounds the float temporaries (lm_head has 49152)
 
 
@@ -29,7 +32,7 @@ def _clip_search_columns(weight: np.ndarray, spec: QuantSpec, importance: np.nda
     best_err = np.full(blocks.shape[:2], np.inf)
     best_ratio = np.ones(blocks.shape[:2])
     tensor_scale = np.float32(spec.tensor_scale or 1.0)
-    for ratio in CLIP_RATIOS:
+    for ratio in E8M0_CLIP_RATIOS if spec.scale_dtype == "e8m0" else CLIP_RATIOS:
         scale, zero = block_grid(blocks, spec, ratio)
         scale = scale * tensor_scale
         codes = quantize_array(blocks, scale[..., None], zero[..., None], spec)

@@ -1,0 +1,80 @@
+"""Block-diagonal Hadamard groups on the inputs of quantized MatMuls (online, weight folded)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxquant.graph_utils import add_initializer, transform_initializer
+from onnxquant.hadamard import hadamard_matrix
+from onnxquant.patterns import HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY, constant_weight, nodes_by_name
+
+
+def group_rotation(group_size: int) -> np.ndarray:
+    """The normalized Hadamard H of one group (float64, H Hᵀ = I)."""
+    hadamard = hadamard_matrix(group_size)
+    if hadamard is None:
+        raise ValueError(f"no Hadamard matrix of order {group_size}")
+    return hadamard / np.sqrt(group_size)
+
+
+class HadamardGroupsPass(ir.passes.InPlacePass):
+    """For each activation X read by the MatMuls `readers` (weights W, K x N) and a group size g
+    dividing K: X <- X·B and W <- Bᵀ·W with B = diag(H, …, H), H the normalized g x g Hadamard.
+
+    B is orthogonal, so every reader computes X·B·Bᵀ·W = X·W: the float model is unchanged. The
+    product X·B runs in the graph as Reshape(X, [-1, g]) · H → Reshape to X's shape, once per
+    activation (readers that share X share it); readers outside `readers` keep reading X. The
+    H MatMul carries node metadata marking it an online rotation, so the planner never quantizes it.
+    Spreading each group's outliers over the whole group is what lets a block of 16 or 32 weights
+    share one microscaling exponent (the FP-quantization harness's `hadamard_group_size`).
+    """
+
+    def __init__(self, activations: dict[str, list[str]], group_size: int):
+        super().__init__()
+        self.activations = activations
+        self.group_size = group_size
+
+    def requires(self, model: ir.Model) -> None:
+        by_name = nodes_by_name(model.graph)
+        for readers in self.activations.values():
+            for name in readers:
+                rows = constant_weight(by_name[name]).shape[0]
+                if rows % self.group_size:
+                    raise ir.passes.PreconditionError(f"group size {self.group_size} does not divide K={rows} of {name}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        by_name = nodes_by_name(graph)
+        g = self.group_size
+        h = group_rotation(g)
+        matrix = add_initializer(graph, f"hadamard_group_{g}", h.astype(np.float32))
+        flat = add_initializer(graph, f"hadamard_group_{g}/flat_shape", np.array([-1, g], dtype=np.int64))
+        for activation, names in self.activations.items():
+            readers = [by_name[name] for name in names]
+            x = readers[0].inputs[0]
+            prefix = f"{activation}/hadamard_group"
+            shape = ir.node("Shape", [x], name=f"{prefix}/Shape")
+            groups = ir.node("Reshape", [x, flat], name=f"{prefix}/Reshape")
+            rotate = ir.node("MatMul", [groups.outputs[0], matrix], name=f"{prefix}/MatMul")
+            rotate.metadata_props[ONLINE_ROTATION_KEY] = f"hadamard_group_{g}"
+            back = ir.node("Reshape", [rotate.outputs[0], shape.outputs[0]], name=f"{prefix}/Reshape_back")
+            for node, suffix in ((shape, "shape"), (groups, "groups"), (rotate, "rotated_groups"), (back, "rotated")):
+                node.outputs[0].name = f"{prefix}/{suffix}"
+            back.outputs[0].dtype, back.outputs[0].shape = x.dtype or ir.DataType.FLOAT, x.shape
+            graph.insert_before(readers[0], [shape, groups, rotate, back])
+            for reader in readers:
+                reader.replace_input_with(0, back.outputs[0])
+                transform_initializer(constant_weight(reader), lambda w, h=h: _rotate_row_groups(w, h), blocks_along=1)
+        model.metadata_props[HADAMARD_GROUPS_METADATA_KEY] = json.dumps({"group_size": g, "activations": len(self.activations)})
+        return ir.passes.PassResult(model, modified=bool(self.activations))
+
+
+def _rotate_row_groups(weight: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Bᵀ·W for B = diag(H, …, H): each group of g rows is multiplied by Hᵀ."""
+    g = h.shape[0]
+    rows, cols = weight.shape
+    grouped = weight.astype(np.float64).reshape(rows // g, g, cols)
+    return np.einsum("ji,bjn->bin", h, grouped).reshape(rows, cols)
