@@ -66,7 +66,7 @@ class QuantizeSettings:
     @property
     def needs_calibration(self) -> bool:
         scheme = self.scheme
-        return self.sq_alpha is not None or (not self.skip_quantization and (not scheme.weight_only or scheme.algo != "rtn"))
+        return self.sq_alpha is not None or (not self.skip_quantization and (scheme.static_activations or scheme.algo != "rtn"))
 
 
 @dataclass
@@ -83,7 +83,7 @@ class QuantizeReport:
         """The one-line summary the CLI prints last."""
         scheme = settings.scheme
         config = "none(float)" if settings.skip_quantization else scheme.name
-        if scheme.weight_only and not settings.skip_quantization:
+        if scheme.weights.granularity == "per_block" and not settings.skip_quantization:
             config += f" algo={scheme.algo}"
         extras = " rotation=R1" if settings.rotation is not None else ""
         if settings.hadamard_group_size is not None:
@@ -162,7 +162,7 @@ def _prepare_smoothing(ctx: StageContext) -> list[Observation]:
     settings = ctx.settings
     channels = sum(constant_weight(nodes_by_name(ctx.model.graph)[readers[0]]).shape[0]
                    for readers in plan.activations.values())
-    one_pass = (not settings.skip_quantization and not settings.scheme.weight_only
+    one_pass = (not settings.skip_quantization and settings.scheme.static_activations
                 and settings.scheme.calibration.method == "minmax"
                 and all(target.kind != "mul" for target in targets)
                 and 8 * channels * len(ctx.samples) <= ONE_PASS_BUDGET_BYTES)
@@ -224,7 +224,7 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
     plan = _plan(ctx)
     ctx.state["plan"] = plan
     observations: list[Observation] = []
-    if not scheme.weight_only and (ctx.ranges is None or set(ctx.ranges) != set(plan.activations)):
+    if scheme.static_activations and (ctx.ranges is None or set(ctx.ranges) != set(plan.activations)):
         ctx.state["range_observers"] = {name: make_range_observer(scheme.calibration) for name in plan.activations}
         observations += list(ctx.state["range_observers"].items())
     if scheme.algo in ("gptq", "awq"):

@@ -70,19 +70,29 @@ class QuantScheme:
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algo!r}")
-        if self.activations is not None and self.weights.granularity == "per_block":
-            raise ValueError("blocked weights are weight-only here (MatMulNBits); drop the activation spec")
+        if (self.activations is not None and self.weights.granularity == "per_block"
+                and not (self.weights.is_float and self.activations.granularity == "per_block")):
+            raise ValueError("integer blocked weights are weight-only here (MatMulNBits); drop the activation spec")
 
     @property
     def weight_only(self) -> bool:
         return self.activations is None
 
+    @property
+    def static_activations(self) -> bool:
+        """Activations quantized with ranges fixed by calibration (microscaling ones are dynamic)."""
+        return self.activations is not None and self.activations.granularity != "per_block"
+
     def with_block_size(self, block_size: int) -> "QuantScheme":
-        """The same blocked scheme with another block size for the weights and the embedding."""
-        embedding = self.embedding
+        """The same blocked scheme with another block size for the weights, the embedding and
+        microscaling activations."""
+        embedding, activations = self.embedding, self.activations
         if embedding is not None and embedding.granularity == "per_block":
             embedding = dataclasses.replace(embedding, block_size=block_size)
-        return dataclasses.replace(self, weights=dataclasses.replace(self.weights, block_size=block_size), embedding=embedding)
+        if activations is not None and activations.granularity == "per_block":
+            activations = dataclasses.replace(activations, block_size=block_size)
+        return dataclasses.replace(self, weights=dataclasses.replace(self.weights, block_size=block_size), embedding=embedding,
+                                   activations=activations)
 
     def with_calibration(self, **changes) -> "QuantScheme":
         return dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, **changes))
@@ -167,6 +177,12 @@ SCHEMES: dict[str, QuantScheme] = {
                     mxfp8_blocks(), None),
         QuantScheme("MXFP4_A16", "MXFP4 weights (E2M1, blocks of 32, E8M0 scales), float activations",
                     mxfp4_blocks(), None),
+        QuantScheme("MXFP8", "MXFP8 weights and activations (activations per block of 32 at run time, in the graph)",
+                    mxfp8_blocks(), mxfp8_blocks()),
+        QuantScheme("MXFP4", "MXFP4 weights and activations (activations per block of 32 at run time, in the graph)",
+                    mxfp4_blocks(), mxfp4_blocks()),
+        QuantScheme("NVFP4", "NVFP4 weights and activations (activations per block of 16 at run time, with a run-time tensor scale)",
+                    nvfp4_blocks(), nvfp4_blocks()),
         QuantScheme("NVFP4_A16", "NVFP4 weights (E2M1, blocks of 16, E4M3 scales x a float32 tensor scale), float activations",
                     nvfp4_blocks(), None),
     )

@@ -8,10 +8,11 @@ import onnxruntime as ort
 import pytest
 from onnx.reference import ReferenceEvaluator
 
+from onnxquant.emitters.dynamic_microscaling import emit_activation_microscaling
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.passes import EmulateMicroscalingPass, QuantizeGraphPass
 from onnxquant.plan import plan_quantization
-from onnxquant.schemes import get_scheme
+from onnxquant.schemes import get_scheme, mxfp4_blocks, mxfp8_blocks, nvfp4_blocks
 from onnxquant.spec import QuantSpec, float_block_scale, round_to_nearest
 from onnxquant.validate import eval_windows, evaluate_perplexity
 
@@ -64,7 +65,8 @@ def test_fp4_codes_are_e2m1_values():
 @pytest.mark.parametrize("flags", [("--config", "FP8_E4M3", "--include_rotation", "--include_sq"),
                                    ("--config", "FP8_E4M3_PER_CHANNEL"),
                                    ("--config", "NVFP4_A16", "--algo", "gptq"),
-                                   ("--config", "MXFP8_A16")])
+                                   ("--config", "MXFP8_A16"),
+                                   ("--config", "MXFP8", "--hadamard_group_size", "32")])
 def test_fp8_and_microscaling_models_run_in_ort_genai_near_float(tiny_models, tmp_path, test_text, flags):
     source = tiny_models.onnx("tiny-llama-96")
     out = tmp_path / "q"
@@ -84,3 +86,21 @@ def test_block_size_that_does_not_divide_k_names_the_node(tiny_models, tmp_path)
                         "--output_model_path", str(tmp_path / "q"), "--config", "MXFP4_A16", "--block_size", "64")
     assert_user_error(result, "K = 96 is not a multiple of the block size 64", "/MatMul")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("spec", [mxfp8_blocks(), mxfp4_blocks(), nvfp4_blocks()], ids=["mxfp8", "mxfp4", "nvfp4"])
+def test_run_time_activation_blocks_equal_offline_rounding(spec):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, 64)) * np.exp(2 * rng.standard_normal((5, 1)))).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block
+    x[1, 3] = 2.0 ** 5  # exact powers of two, where log2 rounding would matter
+    x[2, 40] = -(2.0 ** -3)
+    model = _matmul_model(np.eye(64, dtype=np.float32))
+    model.graph.inputs[0].shape = model.graph.outputs[0].shape = ir.Shape([5, 64])
+    matmul = next(iter(model.graph))
+    emit_activation_microscaling(model.graph, [matmul], "x", spec)
+    model.opset_imports[""], model.ir_version = 22, 10
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = round_to_nearest(x.T, spec).dequantize().T
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
+    assert not np.array_equal(expected, x)

@@ -7,6 +7,7 @@ import json
 import onnx_ir as ir
 
 from onnxquant.emitters import EMITTERS, EmitContext, WeightRounder, nearest_rounder, weight_format
+from onnxquant.emitters.dynamic_microscaling import emit_activation_microscaling
 from onnxquant.emitters.qdq import emit_activation_qdq
 from onnxquant.patterns import QUANT_METADATA_KEY, nodes_by_name
 from onnxquant.plan import QuantPlan
@@ -17,7 +18,8 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
 
     Activations: when the plan has an activation grid, each activation group read by MatMuls on
     the "qdq" format gets one `QuantizeLinear -> DequantizeLinear` pair with the static range of
-    `ranges[activation]`, shared by all its readers. Weights are rounded by `rounder` when the
+    `ranges[activation]`, shared by all its readers; with a microscaling activation grid, readers
+    on the "microscaling" format share one run-time per-block quantization subgraph. Weights are rounded by `rounder` when the
     model is written. The model's metadata records the scheme.
     """
 
@@ -43,11 +45,16 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
         graph = model.graph
         by_name = nodes_by_name(graph)
         ctx = EmitContext(graph, self.rounder, self.accuracy_level)
-        if self.plan.activation_spec is not None:
+        spec = self.plan.activation_spec
+        if spec is not None:
+            dynamic = spec.granularity == "per_block"
             for activation, reader_names in self.plan.activations.items():
-                readers = [by_name[name] for name in reader_names if weight_format(self.plan.nodes[name]) == "qdq"]
-                if readers:
-                    emit_activation_qdq(graph, readers, activation, self.plan.activation_spec, self.ranges[activation])
+                readers = [by_name[name] for name in reader_names
+                           if weight_format(self.plan.nodes[name]) == ("microscaling" if dynamic else "qdq")]
+                if readers and dynamic:
+                    emit_activation_microscaling(graph, readers, activation, spec)
+                elif readers:
+                    emit_activation_qdq(graph, readers, activation, spec, self.ranges[activation])
         for planned in self.plan.nodes.values():
             EMITTERS[(planned.op, weight_format(planned))](ctx, by_name[planned.name], planned)
             self.quantized_nodes += 1
