@@ -33,7 +33,8 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--output_model_path", required=True, help="model.onnx in a new folder (or the folder)")
     add("--config", default="INT8_TRANSFORMER_DEFAULT", help=f"scheme: {', '.join(SCHEMES)}")
     add("--block_size", type=int, default=None, help="blocked weight schemes: weights per block along K (16..256, power of two; default: the scheme's, 128 for 4-bit, 32 for MX, 16 for NVFP4)")
-    add("--algo", choices=ALGORITHMS, default=None, help="blocked weight schemes: weight rounding (default rtn)")
+    add("--algo", choices=ALGORITHMS, default=None,
+        help="weight rounding (default rtn); gptq for every scheme, awq for the weight-only ones")
     add("--accuracy_level", type=int, default=0, help="MatMulNBits accuracy_level: 0, 1, 2 or 4 (int8 compute)")
     add("--clip_search", action="store_true", help="RTN: per-block clip ratio minimizing the block's error")
     add("--int8_nodes", action="append", default=[], help="blocked weight schemes: keep nodes matching this at 8 bits (repeatable), e.g. lm_head")
@@ -84,7 +85,10 @@ def settings_from_args(args) -> QuantizeSettings:
     scheme = scheme.with_calibration(moving_average=args.use_moving_average, averaging_constant=args.moving_average_constant,
                                      **parse_calib_method(args.calib_method))
     blocked = scheme.weights.granularity == "per_block"
-    for flag, value in (("--block_size", args.block_size), ("--algo", args.algo), ("--int8_nodes", args.int8_nodes or None)):
+    if args.algo == "awq" and scheme.activations is not None:
+        fail(f"--algo awq applies to the weight-only schemes (its scales fold like SmoothQuant's, which "
+             f"quantized activations take through --include_sq), not {scheme.name}; use --algo gptq or --include_sq")
+    for flag, value in (("--block_size", args.block_size), ("--int8_nodes", args.int8_nodes or None)):
         if value is not None and not blocked:
             blocked_schemes = ", ".join(name for name, s in SCHEMES.items() if s.weights.granularity == "per_block")
             fail(f"{flag} applies to the blocked weight schemes ({blocked_schemes}), not {scheme.name}")

@@ -108,7 +108,7 @@ class QuantScheme:
 
 INT8_SYMMETRIC_ACT = QuantSpec("int8", "per_tensor", symmetric=True)
 UINT8_ASYMMETRIC_ACT = QuantSpec("uint8", "per_tensor", symmetric=False)
-INT8_WEIGHT_PER_TENSOR = QuantSpec("int8", "per_tensor")
+INT8_WEIGHT_PER_TENSOR = QuantSpec("int8", "per_tensor", pair_safe=True)
 INT8_WEIGHT_PER_CHANNEL = QuantSpec("int8", "per_channel")
 # Per-channel weights fill [-127, 127] in every column, which makes the u8 x s8 saturation above
 # likely where uint8 activations peak: SmolLM2 INT8_PER_CHANNEL went from 20.8 to 615754 perplexity

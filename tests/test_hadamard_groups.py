@@ -1,5 +1,7 @@
 """--hadamard_group_size: block-diagonal Hadamard groups folded into the weights, online on the activations."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -8,7 +10,7 @@ from onnxquant.algorithms.rtn import clip_search
 from onnxquant.data import tokenize
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.passes.hadamard_groups import group_rotation
-from onnxquant.patterns import ONLINE_ROTATION_KEY
+from onnxquant.patterns import HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY
 from onnxquant.spec import QuantSpec, round_to_nearest
 from onnxquant.validate import eval_windows, evaluate_perplexity
 
@@ -22,6 +24,10 @@ def test_hadamard_groups_keep_float_logits(tiny_models, tmp_path, calib_text_pat
     assert result.returncode == 0, result.stderr[-3000:]
     ids = tokenize(source, test_text[:3000])[:256]
     assert relative_logit_error(prefill_logits(source, ids), prefill_logits(tmp_path / "h", ids)) < 1e-4
+    metadata = onnx.load(tmp_path / "h" / "model.onnx", load_external_data=False).metadata_props
+    applied = json.loads(next(p.value for p in metadata if p.key == HADAMARD_GROUPS_METADATA_KEY))
+    # Groups within a head (head size 16) fold into v (R2); the rest run online.
+    assert applied["folded_into_v"] == (2 if group == 16 else 0)
 
 
 def test_group_rotation_is_orthonormal():

@@ -13,7 +13,7 @@ from onnxquant.passes import QuantizeGraphPass
 from onnxquant.plan import plan_quantization
 from onnxquant.runtime import make_session
 from onnxquant.schemes import SCHEMES
-from onnxquant.spec import quant_params
+from onnxquant.spec import quant_params, quantize_array
 from onnxquant.validate import eval_windows, evaluate_perplexity
 
 from conftest import assert_user_error, run_module
@@ -198,19 +198,35 @@ def test_exclude_that_matches_nothing(tiny_input, tmp_path, calib_text_path):
     assert_user_error(result, "'no_such_node' matches no node")
 
 
-def test_pair_safe_weight_grid_keeps_adjacent_pairs_within_128():
-    """INT8_PER_CHANNEL's grid: no two adjacent input rows of a column sum past 128 in |int8|,
-    so ORT's u8 x s8 AVX2 kernel (int16 pair sums) cannot saturate with uint8 activations."""
-    from onnxquant.spec import quantize_array, weight_bound
+@pytest.mark.parametrize("scheme", ["INT8_PER_CHANNEL", "INT8_TRANSFORMER_DEFAULT"])
+def test_pair_safe_weight_grid_keeps_adjacent_pairs_within_128(scheme):
+    """The uint8-activation schemes' grids: no two adjacent input rows of a column sum past 128 in
+    |int8|, so ORT's u8 x s8 AVX2 kernel (int16 pair sums) cannot saturate; the searched bound loses
+    less than bounding by the largest pair does."""
+    from onnxquant.spec import round_to_nearest
 
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((64, 8)).astype(np.float32)
     weight[10:12, 3] = [5.0, -4.9]  # a large adjacent pair in column 3
-    spec = SCHEMES["INT8_PER_CHANNEL"].weights
+    spec = SCHEMES[scheme].weights
     assert spec.pair_safe
-    bound = weight_bound(weight, (0,), spec.pair_safe)
-    scale, zero = quant_params(-bound, bound, spec)
-    q = quantize_array(weight, scale[None, :], zero[None, :], spec).astype(np.int32)
-    pair_sums = np.abs(q[0::2]) + np.abs(q[1::2])
-    assert pair_sums.max() <= 128
-    assert np.abs(q).max(axis=0).min() >= 63  # every column still uses at least half the grid
+    rounded = round_to_nearest(weight, spec)
+    q = rounded.codes.astype(np.int32)
+    assert (np.abs(q[0::2]) + np.abs(q[1::2])).max() <= 128
+    axis = (0,) if spec.granularity == "per_channel" else None
+    pair_bound = np.maximum(np.abs(weight).max(axis=axis), (np.abs(weight[0::2]) + np.abs(weight[1::2])).max(axis=axis))
+    scale, zero = quant_params(-pair_bound, pair_bound, spec)
+    by_pair_bound = (quantize_array(weight, scale, zero, spec).astype(np.float32) - zero) * scale
+    assert ((rounded.dequantize() - weight) ** 2).sum() <= ((by_pair_bound - weight) ** 2).sum()
+
+
+def test_pair_safe_per_tensor_search_beats_the_largest_pair_bound():
+    from onnxquant.spec import round_to_nearest
+
+    weight = np.random.default_rng(2).standard_normal((576, 256)).astype(np.float32)
+    spec = SCHEMES["INT8_TRANSFORMER_DEFAULT"].weights
+    pair_bound = (np.abs(weight[0::2]) + np.abs(weight[1::2])).max()
+    scale, zero = quant_params(-pair_bound, pair_bound, spec)
+    by_pair_bound = quantize_array(weight, scale, zero, spec).astype(np.float32) * scale
+    searched = round_to_nearest(weight, spec).dequantize()
+    assert ((searched - weight) ** 2).sum() < 0.8 * ((by_pair_bound - weight) ** 2).sum()

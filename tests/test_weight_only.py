@@ -97,7 +97,8 @@ def test_4bit_model_runs_in_ort_genai_near_float(tiny_models, tmp_path, calib_te
 
 @pytest.mark.parametrize("flags,needle", [
     (("--config", "UINT4_PER_GROUP_ASYM", "--block_size", "100"), "--block_size 100 is not a power of two"),
-    (("--config", "INT8_TRANSFORMER_DEFAULT", "--algo", "gptq"), "--algo applies to the blocked weight schemes (UINT4_PER_GROUP_ASYM"),
+    (("--config", "INT8_TRANSFORMER_DEFAULT", "--algo", "awq"), "--algo awq applies to the weight-only schemes"),
+    (("--config", "INT8_TRANSFORMER_DEFAULT", "--block_size", "32"), "--block_size applies to the blocked weight schemes (UINT4_PER_GROUP_ASYM"),
     (("--config", "UINT4_PER_GROUP_ASYM", "--accuracy_level", "3"), "--accuracy_level 3"),
     (("--config", "UINT4_PER_GROUP_ASYM", "--int8_nodes", "no_such_head"), "'no_such_head'"),
 ])
@@ -122,3 +123,15 @@ def test_smollm2_gptq_block_128_beats_round_to_nearest(smollm2_onnx, tmp_path, c
         ppl[algo] = evaluate_perplexity(open_genai_folder(out), windows, "genai", progress=False).perplexity
     float_ppl = evaluate_perplexity(folder, windows, "genai", progress=False).perplexity
     assert ppl["gptq"] < 0.85 * ppl["rtn"] and ppl["gptq"] < 1.4 * float_ppl, (ppl, float_ppl)
+
+
+def test_gptq_on_a_pair_safe_int8_grid_keeps_pairs_safe_and_beats_rtn():
+    rng = np.random.default_rng(1)
+    x = _correlated_inputs(rng, 512, 96)
+    weight = rng.standard_normal((96, 40)).astype(np.float32)
+    spec = QuantSpec("int8", "per_channel", pair_safe=True)
+    gptq, rtn = gptq_round(weight, x.T @ x, spec), round_to_nearest(weight, spec)
+    codes = np.abs(gptq.codes.astype(np.int32))
+    assert (codes[0::2] + codes[1::2]).max() <= 128
+    error = lambda q: np.linalg.norm(x @ q.dequantize() - x @ weight)  # noqa: E731
+    assert error(gptq) < 0.9 * error(rtn)

@@ -7,6 +7,8 @@ surgeon, rows processed in order, through the upper Cholesky factor of H⁻¹). 
 reference implementation: dampening (a fraction of mean diag H added to the diagonal), act-order
 (rows by decreasing diag H), lazy batch updates (blocks of 128 rows). Block grids are fixed up
 front from the unmodified weight ("static groups"), so act-order keeps MatMulNBits' layout.
+INT8 grids work the same way (one grid per tensor or per output channel); on a pair-safe grid each
+row's codes are clipped so that adjacent rows stay pair-safe.
 Math runs in float64.
 """
 
@@ -20,6 +22,11 @@ import scipy.linalg
 from onnxquant.algorithms.rtn import clip_search
 from onnxquant.spec import (QuantizedWeight, QuantSpec, column_chunks, concat_columns, nvfp4_tensor_scale, padded_blocks,
                             round_codes, round_to_nearest)
+
+
+# u8 x s8 kernels that add adjacent products in int16 (AVX2) stay exact while 255 * (|q_k| + |q_k+1|)
+# fits: pair-safe grids keep adjacent int8 weight codes within 128 in magnitude together.
+PAIR_LIMIT = 128
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ def _gptq_columns(weight: np.ndarray, dead: np.ndarray, importance: np.ndarray, 
         row_block = np.zeros(k, dtype=np.int64)
     w = w[order]
     codes = np.zeros((k, n), dtype=spec.numpy_dtype)
+    position = np.argsort(order)  # where each input row is processed
     for start in range(0, k, settings.batch):
         end = min(start + settings.batch, k)
         block = w[start:end].copy()
@@ -85,6 +93,11 @@ def _gptq_columns(weight: np.ndarray, dead: np.ndarray, importance: np.ndarray, 
             row = start + i
             scale, zero = block_scale[row_block[row]], block_zero[row_block[row]]
             q = round_codes(block[i] / scale, zero, spec)
+            partner = order[row] ^ 1
+            if spec.pair_safe and partner < k and position[partner] < row:
+                # Keep |q_k| + |q_partner| <= PAIR_LIMIT, as the RTN grid does, whatever the updates did.
+                limit = PAIR_LIMIT - np.abs(codes[position[partner]].astype(np.int32))
+                q = np.clip(q, -limit, limit).astype(q.dtype)
             codes[row] = q
             error = (block[i] - (q - zero) * scale) / hinv[row, row]
             block[i:] -= np.outer(hinv[row, row:end], error)

@@ -9,7 +9,8 @@ import onnx_ir as ir
 
 from onnxquant.graph_utils import add_initializer, transform_initializer
 from onnxquant.hadamard import hadamard_matrix
-from onnxquant.patterns import HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY, constant_weight, nodes_by_name
+from onnxquant.patterns import HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY, constant_weight, matmul_bias, nodes_by_name
+from onnxquant.scale_folding import classify
 
 
 def group_rotation(group_size: int) -> np.ndarray:
@@ -28,6 +29,9 @@ class HadamardGroupsPass(ir.passes.InPlacePass):
     product X·B runs in the graph as Reshape(X, [-1, g]) · H → Reshape to X's shape, once per
     activation (readers that share X share it); readers outside `readers` keep reading X. The
     H MatMul carries node metadata marking it an online rotation, so the planner never quantizes it.
+    Where X is the attention output and g divides the head size, X·B is folded offline instead
+    (QuaRot's R2): attention output head j is a mix of the rows of its kv head's V, so multiplying
+    V's columns by B (the v columns of the q/k/v projection, and their bias) gives X·B exactly.
     Spreading each group's outliers over the whole group is what lets a block of 16 or 32 weights
     share one microscaling exponent (the FP-quantization harness's `hadamard_group_size`).
     """
@@ -52,9 +56,20 @@ class HadamardGroupsPass(ir.passes.InPlacePass):
         h = group_rotation(g)
         matrix = add_initializer(graph, f"hadamard_group_{g}", h.astype(np.float32))
         flat = add_initializer(graph, f"hadamard_group_{g}/flat_shape", np.array([-1, g], dtype=np.int64))
+        self.folded, self.online = 0, 0
         for activation, names in self.activations.items():
             readers = [by_name[name] for name in names]
             x = readers[0].inputs[0]
+            target = classify(x, readers)
+            if target.kind == "v" and target.head_size % g == 0:
+                # V has one head per kv group: the readers' K (all query heads) over the group size.
+                v_width = constant_weight(readers[0]).shape[0] // target.kv_groups
+                _rotate_v_columns(by_name[target.producer], h, v_width)
+                for reader in readers:
+                    transform_initializer(constant_weight(reader), lambda w, h=h: _rotate_row_groups(w, h), blocks_along=1)
+                self.folded += 1
+                continue
+            self.online += 1
             prefix = f"{activation}/hadamard_group"
             shape = ir.node("Shape", [x], name=f"{prefix}/Shape")
             groups = ir.node("Reshape", [x, flat], name=f"{prefix}/Reshape")
@@ -68,7 +83,8 @@ class HadamardGroupsPass(ir.passes.InPlacePass):
             for reader in readers:
                 reader.replace_input_with(0, back.outputs[0])
                 transform_initializer(constant_weight(reader), lambda w, h=h: _rotate_row_groups(w, h), blocks_along=1)
-        model.metadata_props[HADAMARD_GROUPS_METADATA_KEY] = json.dumps({"group_size": g, "activations": len(self.activations)})
+        model.metadata_props[HADAMARD_GROUPS_METADATA_KEY] = json.dumps({"group_size": g, "online": self.online,
+                                                                         "folded_into_v": self.folded})
         return ir.passes.PassResult(model, modified=bool(self.activations))
 
 
@@ -78,3 +94,19 @@ def _rotate_row_groups(weight: np.ndarray, h: np.ndarray) -> np.ndarray:
     rows, cols = weight.shape
     grouped = weight.astype(np.float64).reshape(rows // g, g, cols)
     return np.einsum("ji,bjn->bin", h, grouped).reshape(rows, cols)
+
+
+def _rotate_v_columns(producer: ir.Node, h: np.ndarray, width: int) -> None:
+    """V ← V·B on the last `width` output columns of the producer's weight and bias."""
+    g = h.shape[0]
+
+    def rotate(w: np.ndarray) -> np.ndarray:
+        w = w.astype(np.float64).copy()
+        v = w[..., w.shape[-1] - width:]
+        w[..., w.shape[-1] - width:] = np.einsum("...bj,ji->...bi", v.reshape(*v.shape[:-1], width // g, g), h).reshape(v.shape)
+        return w
+
+    transform_initializer(constant_weight(producer), rotate, blocks_along=0)
+    bias = matmul_bias(producer)
+    if bias is not None:
+        transform_initializer(bias[1], rotate)
