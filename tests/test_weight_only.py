@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
 from onnxquant.algorithms.awq import output_error
-from onnxquant.algorithms.gptq import gptq_round
+from onnxquant.algorithms.gptq import GPTQSettings, gptq_round
 from onnxquant.calibration import HessianObserver, run_calibration
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.spec import QuantSpec, round_to_nearest
@@ -125,12 +125,13 @@ def test_smollm2_gptq_block_128_beats_round_to_nearest(smollm2_onnx, tmp_path, c
     assert ppl["gptq"] < 0.85 * ppl["rtn"] and ppl["gptq"] < 1.4 * float_ppl, (ppl, float_ppl)
 
 
-def test_gptq_on_a_pair_safe_int8_grid_keeps_pairs_safe_and_beats_rtn():
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_gptq_on_a_pair_safe_int8_grid_keeps_pairs_safe_and_beats_rtn(granularity):
     rng = np.random.default_rng(1)
     x = _correlated_inputs(rng, 512, 96)
     weight = rng.standard_normal((96, 40)).astype(np.float32)
-    spec = QuantSpec("int8", "per_channel", pair_safe=True)
-    gptq, rtn = gptq_round(weight, x.T @ x, spec), round_to_nearest(weight, spec)
+    spec = QuantSpec("int8", granularity, pair_safe=True)
+    gptq, rtn = gptq_round(weight, x.T @ x, spec, GPTQSettings(columns_per_chunk=16)), round_to_nearest(weight, spec)
     codes = np.abs(gptq.codes.astype(np.int32))
     assert (codes[0::2] + codes[1::2]).max() <= 128
     error = lambda q: np.linalg.norm(x @ q.dequantize() - x @ weight)  # noqa: E731

@@ -62,17 +62,27 @@ def gptq_round(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, setting
     importance = np.diag(h).copy()
     hinv = _inverse_cholesky(h[np.ix_(order, order)], settings.damp)
     del h
-    # Each output column's updates involve only that column, so columns are rounded in chunks.
-    return concat_columns([_gptq_columns(weight[:, cols], dead, importance, order, hinv, spec, settings)
-                           for cols in column_chunks(n, settings.columns_per_chunk)])
+    # Each output column's updates involve only that column, so columns are rounded in chunks; a
+    # per-tensor grid is fixed from the whole weight first and shared by every chunk.
+    shared = round_to_nearest(weight, spec) if spec.granularity == "per_tensor" else None
+    parts = [_gptq_columns(weight[:, cols], dead, importance, order, hinv, spec, settings, shared)
+             for cols in column_chunks(n, settings.columns_per_chunk)]
+    if shared is not None:
+        return QuantizedWeight(np.concatenate([part.codes for part in parts], axis=1), shared.scale, shared.zero_point, spec, k)
+    return concat_columns(parts)
 
 
 def _gptq_columns(weight: np.ndarray, dead: np.ndarray, importance: np.ndarray, order: np.ndarray, hinv: np.ndarray,
-                  spec: QuantSpec, settings: GPTQSettings) -> QuantizedWeight:
+                  spec: QuantSpec, settings: GPTQSettings, shared: QuantizedWeight | None = None) -> QuantizedWeight:
     k, n = weight.shape
     w = np.array(weight, dtype=np.float64)  # [K, N]: row k is input channel k
     w[dead] = 0.0
-    grid = clip_search(w.astype(np.float32), spec, importance) if settings.clip_search else round_to_nearest(w.astype(np.float32), spec)
+    if shared is not None:
+        grid = shared
+    elif settings.clip_search:
+        grid = clip_search(w.astype(np.float32), spec, importance)
+    else:
+        grid = round_to_nearest(w.astype(np.float32), spec)
     if spec.granularity == "per_block":
         # Scale and zero point of each (processed) row's block: [blocks, N] indexed per row.
         block_scale = grid.scale.T.astype(np.float64) * grid.tensor_scale
