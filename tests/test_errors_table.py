@@ -107,18 +107,21 @@ def test_disk_filling_up_while_writing_leaves_nothing(source, tmp_path):
 
 
 def test_interrupted_run_leaves_no_partial_folder(source, tmp_path):
-    # Calibration made slow so that Ctrl-C lands mid-run, after the staging folder exists.
+    # Calibration made slow so that Ctrl-C lands mid-run, after the staging folder exists. The signal is
+    # sent once calibration has started: one landing in a garbage-collection finalizer earlier would be
+    # reported and ignored by Python itself ("Exception ignored in ..."), which made this test flaky.
     out = tmp_path / "out"
+    started = tmp_path / "calibration-started"
     code = ("import sys, time; from onnxquant import pipeline, quantize; from onnxquant.errors import run_cli\n"
-            "pipeline.run_calibration = lambda *a, **k: time.sleep(60)\n"
+            f"pipeline.run_calibration = lambda *a, **k: (open({str(started)!r}, 'w').close(), time.sleep(60))\n"
             "run_cli(quantize.main, sys.argv[1:])")
     child = subprocess.Popen([sys.executable, "-c", code, "--input_model_path", str(source), "--output_model_path", str(out),
                               "--num_calib_data", "4", "--seq_len", "128", "--include_sq", "--collapse_ratio", "0"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300  # a loaded 2-core machine starts Python and ORT slowly
-    while time.time() < deadline and child.poll() is None and not list(tmp_path.glob(".out.partial-*")):
+    while time.time() < deadline and child.poll() is None and not started.exists():
         time.sleep(0.05)
-    assert list(tmp_path.glob(".out.partial-*")), ("the run never started writing", child.poll())
+    assert started.exists() and list(tmp_path.glob(".out.partial-*")), ("the run never started writing", child.poll())
     child.send_signal(signal.SIGINT)
     _, stderr = child.communicate(timeout=60)
     assert child.returncode == 130, stderr[-2000:]
