@@ -196,15 +196,7 @@ def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
 
 def _prepare_hadamard_groups(ctx: StageContext) -> list[Observation]:
     UntieEmbeddingsPass()(ctx.model)
-    plan = _plan(ctx)
-    group = ctx.settings.hadamard_group_size
-    by_name = nodes_by_name(ctx.model.graph)
-    for node in plan.matmuls:
-        rows = constant_weight(by_name[node.name]).shape[0]
-        if rows % group:
-            fail(f"--hadamard_group_size {group} does not divide K={rows} of MatMul '{node.name}'; "
-                 f"choose a group size that divides it or pass --exclude {node.name}")
-    ctx.state["plan"] = plan
+    ctx.state["plan"] = _plan(ctx)  # the pass refuses a group size that does not divide a planned K
     return []
 
 

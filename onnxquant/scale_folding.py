@@ -14,11 +14,13 @@ readers' weights by s. The division is exact and free when it folds into the pro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxquant.patterns import NORM_OPS, constant_weight, is_const_matmul, linear_producer
+from onnxquant.graph_utils import transform_initializer
+from onnxquant.patterns import NORM_OPS, constant_weight, is_const_matmul, linear_producer, matmul_bias
 
 
 @dataclass(frozen=True)
@@ -78,3 +80,19 @@ def fold_targets(graph: ir.Graph, groups: dict[str, list[str]]) -> list[FoldTarg
         readers = [by_name[name] for name in reader_names]
         targets.append(classify(readers[0].inputs[0], readers))
     return targets
+
+
+def transform_producer_columns(linear: ir.Node, transform: Callable[[np.ndarray], np.ndarray], last: int | None = None) -> None:
+    """Apply `transform` (float64) to the last `last` output columns (all when None) of a MatMul's
+    weight and of its bias: how an "up" or "v" producer absorbs a per-channel scale or a rotation."""
+
+    def apply(w: np.ndarray) -> np.ndarray:
+        w = w.astype(np.float64).copy()
+        columns = slice(None) if last is None else slice(w.shape[-1] - last, None)
+        w[..., columns] = transform(w[..., columns])
+        return w
+
+    transform_initializer(constant_weight(linear), apply, blocks_along=0)
+    bias = matmul_bias(linear)
+    if bias is not None:
+        transform_initializer(bias[1], apply)

@@ -326,6 +326,8 @@ def round_to_nearest(weight: np.ndarray, spec: QuantSpec, clip: np.ndarray | flo
     return QuantizedWeight(codes, scale, zero_point, spec, k)
 
 
+# u8 x s8 kernels that add adjacent products in int16 (AVX2) stay exact while 255 * (|q_k| + |q_k+1|)
+# fits: pair-safe grids keep adjacent int8 weight codes within 128 in magnitude together.
 PAIR_LIMIT = 128
 
 

@@ -20,13 +20,8 @@ import numpy as np
 import scipy.linalg
 
 from onnxquant.algorithms.rtn import clip_search
-from onnxquant.spec import (QuantizedWeight, QuantSpec, column_chunks, concat_columns, nvfp4_tensor_scale, padded_blocks,
-                            round_codes, round_to_nearest)
-
-
-# u8 x s8 kernels that add adjacent products in int16 (AVX2) stay exact while 255 * (|q_k| + |q_k+1|)
-# fits: pair-safe grids keep adjacent int8 weight codes within 128 in magnitude together.
-PAIR_LIMIT = 128
+from onnxquant.spec import (PAIR_LIMIT, QuantizedWeight, QuantSpec, column_chunks, concat_columns, nvfp4_tensor_scale,
+                            padded_blocks, round_codes, round_to_nearest)
 
 
 @dataclass(frozen=True)

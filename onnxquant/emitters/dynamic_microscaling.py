@@ -43,22 +43,21 @@ def emit_activation_microscaling(graph: ir.Graph, readers: list[ir.Node], name: 
     """Replace the readers' input X by its per-block dynamically quantized value."""
     x = readers[0].inputs[0]
     s = _Subgraph(graph, f"{name}/mx_act")
-    f32 = lambda v: np.float32(v)  # noqa: E731
     shape = s.op("Shape", [x], "Shape")
     blocks = s.op("Reshape", [x, s.const("block_shape", np.array([-1, spec.block_size], np.int64))], "Reshape")
     magnitude = s.op("Abs", [blocks], "Abs")
     last = s.const("last_axis", np.array([-1], np.int64))
     amax = s.op("ReduceMax", [magnitude, last], "ReduceMax", keepdims=1)
-    tiny = s.const("tiny", f32(np.finfo(np.float32).tiny))
+    tiny = s.const("tiny", np.float32(np.finfo(np.float32).tiny))
     amax = s.op("Max", [amax, tiny], "ClampTiny")
     tensor_scale = None
     if spec.scale_dtype == "e8m0":
         scale = block = _power_of_two_scale(s, amax, spec.element.max_exponent)
     else:  # NVFP4: E4M3 block scales under a per-tensor float32 scale, both from this run's values
         peak = s.op("ReduceMax", [amax], "TensorMax", keepdims=0)
-        tensor_scale = s.op("Div", [peak, s.const("fp8_fp4_max", f32(448.0 * spec.qmax))], "TensorScale")
-        block = s.op("Div", [s.op("Div", [amax, s.const("fp4_max", f32(spec.qmax))], "PerCode"), tensor_scale], "BlockScale")
-        block = s.op("Max", [block, s.const("fp8_min_scale", f32(2.0 ** -9))], "ClampScale")
+        tensor_scale = s.op("Div", [peak, s.const("fp8_fp4_max", np.float32(448.0 * spec.qmax))], "TensorScale")
+        block = s.op("Div", [s.op("Div", [amax, s.const("fp4_max", np.float32(spec.qmax))], "PerCode"), tensor_scale], "BlockScale")
+        block = s.op("Max", [block, s.const("fp8_min_scale", np.float32(2.0 ** -9))], "ClampScale")
         block = s.op("Cast", [s.op("Cast", [block], "ToE4M3", to=ir.DataType.FLOAT8E4M3FN)], "FromE4M3", to=ir.DataType.FLOAT)
         scale = s.op("Mul", [block, tensor_scale], "Scale")
     y = s.op("Div", [blocks, scale], "Scaled")
@@ -92,9 +91,8 @@ def _round_e4m3(s: _Subgraph, y: ir.Value) -> ir.Value:
 
 def _round_e2m1(s: _Subgraph, y: ir.Value) -> ir.Value:
     magnitude = s.op("Min", [s.op("Abs", [y], "CodeAbs"), s.const("fp4_max_value", np.float32(6.0))], "Saturate")
-    f32 = np.float32
-    step = s.op("Where", [s.op("Less", [magnitude, s.const("two_value", f32(2.0))], "BelowTwo"), s.const("half", f32(0.5)),
-                          s.op("Where", [s.op("Less", [magnitude, s.const("four", f32(4.0))], "BelowFour"),
-                                         s.const("one", f32(1.0)), s.const("two_step", f32(2.0))], "UpperStep")], "Step")
+    step = s.op("Where", [s.op("Less", [magnitude, s.const("two_value", np.float32(2.0))], "BelowTwo"), s.const("half", np.float32(0.5)),
+                          s.op("Where", [s.op("Less", [magnitude, s.const("four", np.float32(4.0))], "BelowFour"),
+                                         s.const("one", np.float32(1.0)), s.const("two_step", np.float32(2.0))], "UpperStep")], "Step")
     rounded = s.op("Mul", [s.op("Round", [s.op("Div", [magnitude, step], "Steps")], "Round"), step], "OnGrid")
     return s.op("Mul", [rounded, s.op("Sign", [y], "Sign")], "Signed")

@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant.graph_utils import add_initializer, transform_initializer
-from onnxquant.patterns import constant_weight, matmul_bias, nodes_by_name, norm_weight
-from onnxquant.scale_folding import FoldTarget
+from onnxquant.patterns import constant_weight, nodes_by_name, norm_weight
+from onnxquant.scale_folding import FoldTarget, transform_producer_columns
 
 
 class FoldChannelScalesPass(ir.passes.InPlacePass):
@@ -41,11 +41,11 @@ class FoldChannelScalesPass(ir.passes.InPlacePass):
             if target.kind == "norm":
                 transform_initializer(norm_weight(by_name[target.producer]), lambda g, s=scales: g / s)
             elif target.kind == "up":
-                _divide_columns(by_name[target.producer], scales)
+                transform_producer_columns(by_name[target.producer], lambda w, s=scales: w / s)
             elif target.kind == "v":
                 heads_per_kv = target.kv_groups
                 s_v = scales.reshape(-1, heads_per_kv, target.head_size)[:, 0, :].reshape(-1)
-                _divide_columns(by_name[target.producer], s_v, last=len(s_v))
+                transform_producer_columns(by_name[target.producer], lambda w, s=s_v: w / s, last=len(s_v))
             else:
                 self._insert_mul(graph, readers, scales, target.reason)
             for reader in readers:
@@ -64,17 +64,3 @@ class FoldChannelScalesPass(ir.passes.InPlacePass):
             reader.replace_input_with(0, mul.outputs[0])
         self.inserted_muls.append((activation.name, reason))
 
-
-def _divide_columns(linear: ir.Node, scales: np.ndarray, last: int | None = None) -> None:
-    """Divide the last `last` output columns (all when None) of a MatMul weight and its bias by `scales`."""
-
-    def divide(w, s=scales):
-        w = w.astype(np.float64).copy()
-        columns = slice(None) if last is None else slice(w.shape[-1] - last, None)
-        w[..., columns] /= s
-        return w
-
-    transform_initializer(constant_weight(linear), divide, blocks_along=0)
-    bias = matmul_bias(linear)
-    if bias is not None:
-        transform_initializer(bias[1], divide)

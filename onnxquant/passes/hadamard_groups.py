@@ -7,10 +7,11 @@ import json
 import numpy as np
 import onnx_ir as ir
 
+from onnxquant.errors import fail
 from onnxquant.graph_utils import add_initializer, transform_initializer
 from onnxquant.hadamard import hadamard_matrix
-from onnxquant.patterns import HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY, constant_weight, matmul_bias, nodes_by_name
-from onnxquant.scale_folding import classify
+from onnxquant.patterns import HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY, constant_weight, nodes_by_name
+from onnxquant.scale_folding import classify, transform_producer_columns
 
 
 def group_rotation(group_size: int) -> np.ndarray:
@@ -43,11 +44,13 @@ class HadamardGroupsPass(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         by_name = nodes_by_name(model.graph)
+        group = self.group_size
         for readers in self.activations.values():
             for name in readers:
                 rows = constant_weight(by_name[name]).shape[0]
-                if rows % self.group_size:
-                    raise ir.passes.PreconditionError(f"group size {self.group_size} does not divide K={rows} of {name}")
+                if rows % group:
+                    fail(f"--hadamard_group_size {group} does not divide K={rows} of MatMul '{name}'; "
+                         f"choose a group size that divides it or pass --exclude {name}")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -64,7 +67,7 @@ class HadamardGroupsPass(ir.passes.InPlacePass):
             if target.kind == "v" and target.head_size % g == 0:
                 # V has one head per kv group: the readers' K (all query heads) over the group size.
                 v_width = constant_weight(readers[0]).shape[0] // target.kv_groups
-                _rotate_v_columns(by_name[target.producer], h, v_width)
+                transform_producer_columns(by_name[target.producer], lambda v, h=h: _rotate_column_groups(v, h), last=v_width)
                 for reader in readers:
                     transform_initializer(constant_weight(reader), lambda w, h=h: _rotate_row_groups(w, h), blocks_along=1)
                 self.folded += 1
@@ -96,17 +99,7 @@ def _rotate_row_groups(weight: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.einsum("ji,bjn->bin", h, grouped).reshape(rows, cols)
 
 
-def _rotate_v_columns(producer: ir.Node, h: np.ndarray, width: int) -> None:
-    """V ← V·B on the last `width` output columns of the producer's weight and bias."""
+def _rotate_column_groups(v: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """V·B for B = diag(H, …, H): each group of g columns is multiplied by H."""
     g = h.shape[0]
-
-    def rotate(w: np.ndarray) -> np.ndarray:
-        w = w.astype(np.float64).copy()
-        v = w[..., w.shape[-1] - width:]
-        w[..., w.shape[-1] - width:] = np.einsum("...bj,ji->...bi", v.reshape(*v.shape[:-1], width // g, g), h).reshape(v.shape)
-        return w
-
-    transform_initializer(constant_weight(producer), rotate, blocks_along=0)
-    bias = matmul_bias(producer)
-    if bias is not None:
-        transform_initializer(bias[1], rotate)
+    return np.einsum("...bj,ji->...bi", v.reshape(*v.shape[:-1], v.shape[-1] // g, g), h).reshape(v.shape)

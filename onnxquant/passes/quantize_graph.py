@@ -19,8 +19,8 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
     Activations: when the plan has an activation grid, each activation group read by MatMuls on
     the "qdq" format gets one `QuantizeLinear -> DequantizeLinear` pair with the static range of
     `ranges[activation]`, shared by all its readers; with a microscaling activation grid, readers
-    on the "microscaling" format share one run-time per-block quantization subgraph. Weights are rounded by `rounder` when the
-    model is written. The model's metadata records the scheme.
+    on the "microscaling" format share one run-time per-block quantization subgraph. Weights are
+    rounded by `rounder` when the model is written. The model's metadata records the scheme.
     """
 
     def __init__(self, plan: QuantPlan, ranges: dict[str, tuple[float, float]], description: dict,
