@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from onnxquant.genai_folder import GenAIFolder
 from onnxquant.runtime import make_session, prefill_feeds, session_options
+from onnxquant.algorithms.range_search import mse_range
 from onnxquant.schemes import Calibration
+from onnxquant.spec import QuantSpec
 
 
 class TokenSampleReader(CalibrationDataReader):
@@ -130,51 +132,93 @@ class MovingAverageMinMaxObserver(_TensorMinMax):
         return self.min, self.max
 
 
+class GrowingHistogram:
+    """Counts of values in `bins` equal bins over [-top, top] (`signed`) or [0, top], the top
+    doubling (at least) whenever a larger value arrives, so no range is needed in advance."""
+
+    def __init__(self, bins: int, signed: bool) -> None:
+        self.bins = bins
+        self.signed = signed
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.top = 0.0
+
+    def _edges(self, top: float) -> tuple[float, float]:
+        return (-top if self.signed else 0.0), top
+
+    def centres(self) -> np.ndarray:
+        low, high = self._edges(self.top)
+        return low + (np.arange(self.bins) + 0.5) * ((high - low) / self.bins)
+
+    def _widen(self, top: float) -> None:
+        new_top = max(top, self.top * 2, 1e-12)
+        if self.top > 0:
+            # Move each old bin's count to the new bin holding its centre.
+            low, high = self._edges(new_top)
+            target = np.minimum(((self.centres() - low) / (high - low) * self.bins).astype(np.int64), self.bins - 1)
+            widened = np.zeros_like(self.counts)
+            np.add.at(widened, target, self.counts)
+            self.counts = widened
+        self.top = new_top
+
+    def add(self, values: np.ndarray) -> None:
+        peak = float(np.abs(values).max())
+        if peak > self.top:
+            self._widen(peak)
+        counts, _ = np.histogram(values, bins=self.bins, range=self._edges(self.top))
+        self.counts += counts
+
+
 class PercentileObserver(Observer):
     """Clip the range at a percentile of |x|, from a histogram that widens as larger values arrive.
     Needs the whole tensor of each sample (one activation at a time, never stored)."""
 
     def __init__(self, percentile: float, bins: int = 4096) -> None:
         self.percentile = percentile
-        self.bins = bins
-        self.hist = np.zeros(bins, dtype=np.int64)
-        self.top = 0.0
+        self.hist = GrowingHistogram(bins, signed=False)
         self.min = math.inf
         self.max = -math.inf
 
     def reductions(self, graph, value, tag):
         return {"values": _node(graph, "Identity", [value], f"{tag}/values")}
 
-    def _widen(self, top: float) -> None:
-        new_top = max(top, self.top * 2, 1e-12)
-        if self.top > 0:
-            # Move each old bin's count to the new bin holding its centre.
-            centres = (np.arange(self.bins) + 0.5) * (self.top / self.bins)
-            target = np.minimum((centres / new_top * self.bins).astype(np.int64), self.bins - 1)
-            widened = np.zeros_like(self.hist)
-            np.add.at(widened, target, self.hist)
-            self.hist = widened
-        self.top = new_top
+    def update(self, stats) -> None:
+        x = stats["values"]
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+        self.hist.add(np.abs(x).ravel())
+
+    def range(self) -> tuple[float, float]:
+        cumulative = np.cumsum(self.hist.counts)
+        index = int(np.searchsorted(cumulative, cumulative[-1] * self.percentile / 100.0))
+        threshold = (index + 1) * self.hist.top / self.hist.bins
+        return max(self.min, -threshold), min(self.max, threshold)
+
+
+class MseRangeObserver(PercentileObserver):
+    """The range minimizing the activation grid's quantize-dequantize error over every calibration
+    value (algorithms.range_search), from a signed histogram fine enough that a grid step spans
+    many bins."""
+
+    def __init__(self, spec: QuantSpec, bins: int = 16384) -> None:
+        self.spec = spec
+        self.hist = GrowingHistogram(bins, signed=True)
+        self.min = math.inf
+        self.max = -math.inf
 
     def update(self, stats) -> None:
         x = stats["values"]
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
-        magnitude = np.abs(x).ravel()
-        peak = float(magnitude.max())
-        if peak > self.top:
-            self._widen(peak)
-        counts, _ = np.histogram(magnitude, bins=self.bins, range=(0.0, self.top))
-        self.hist += counts
+        self.hist.add(x.ravel())
 
     def range(self) -> tuple[float, float]:
-        cumulative = np.cumsum(self.hist)
-        index = int(np.searchsorted(cumulative, cumulative[-1] * self.percentile / 100.0))
-        threshold = (index + 1) * self.top / self.bins
-        return max(self.min, -threshold), min(self.max, threshold)
+        return mse_range(self.hist.centres(), self.hist.counts, (min(self.min, 0.0), max(self.max, 0.0)), self.spec)
 
 
-def make_range_observer(calibration: Calibration) -> Observer:
+def make_range_observer(calibration: Calibration, spec: QuantSpec) -> Observer:
+    """The observer of one activation's static range on grid `spec`."""
+    if calibration.method == "mse":
+        return MseRangeObserver(spec)
     if calibration.method == "percentile":
         return PercentileObserver(calibration.percentile)
     if calibration.moving_average:

@@ -15,7 +15,7 @@ from onnxquant.cli import HelpFormatter
 from onnxquant.errors import fail, run_cli
 from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
 
-BUILDER_MODULE = "onnxruntime_genai.models.builder"
+BUILDER_MODULE = "onnxquant.builder_compat"  # the ORT-GenAI builder, adapted to transformers 5 configs
 GENAI_FOLDER_FILES = ("model.onnx", "genai_config.json", "tokenizer.json")
 
 
@@ -49,7 +49,7 @@ def export_model(source: ModelSource, output: Path, precision: str = "fp32", exe
             gguf_to_hf_folder(source.path, hf_dir)
         else:
             hf_dir = source.path
-        print(f"building the ONNX model with {BUILDER_MODULE} ({precision}, {execution_provider}) ...", flush=True)
+        print(f"building the ONNX model with the ORT-GenAI model builder ({precision}, {execution_provider}) ...", flush=True)
         _run_builder(hf_dir, staging, precision, execution_provider, work_dir)
         missing = [name for name in GENAI_FOLDER_FILES if not (staging / name).is_file()]
         if missing:

@@ -55,6 +55,17 @@ class GenAIFolder:
     def vocab_size(self) -> int:
         return int(self.config["model"]["vocab_size"])
 
+    @property
+    def sliding_window(self) -> int:
+        """The local attention window of the sliding layers (0: none)."""
+        return int(self.decoder.get("sliding_window", {}).get("window_size", 0))
+
+    def kv_capacity(self, tokens: int) -> int:
+        """KV cache length (ORT-GenAI's max_length) for a run of `tokens` tokens. ORT's
+        GroupQueryAttention refuses a cache shorter than the sliding window (Gemma 2/3), whatever
+        the run's length, so such a model's cache is never shorter than its window."""
+        return max(tokens, self.sliding_window)
+
     def past_names(self) -> list[str]:
         inputs = self.decoder["inputs"]
         names = []

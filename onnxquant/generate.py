@@ -58,7 +58,7 @@ class GreedyGenerator:
     def generate(self, prompt_ids: np.ndarray, max_new_tokens: int) -> Generation:
         og = self._og
         params = og.GeneratorParams(self.backend.model)
-        params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_new_tokens)
+        params.set_search_options(do_sample=False, max_length=self.folder.kv_capacity(len(prompt_ids) + max_new_tokens))
         generator = og.Generator(self.backend.model, params)
         generator.append_tokens(prompt_ids.reshape(1, -1))
         new_ids: list[int] = []

@@ -113,8 +113,22 @@ def residual_inputs(norm: ir.Node) -> list[ir.Value]:
     return list(norm.inputs[:2] if norm.op_type == "SkipSimplifiedLayerNormalization" else norm.inputs[:1])
 
 
+def unscaled(value: ir.Value) -> ir.Value:
+    """The input of a `Mul` by a constant scalar that produces `value` (Gemma scales its embeddings
+    by sqrt(hidden) so), else `value`: a scalar commutes with every rotation and channel scale."""
+    producer = value.producer()
+    if producer is None or producer.op_type != "Mul" or producer.domain != "":
+        return value
+    for source, factor in (producer.inputs, tuple(reversed(producer.inputs))):
+        constant = ir.convenience.get_const_tensor(factor) if factor is not None else None
+        if constant is not None and constant.size == 1:
+            return source
+    return value
+
+
 def writes_into(node: ir.Node, value: ir.Value) -> bool:
-    """`node` produces `value`, directly or through the bias Add that follows it."""
+    """`node` produces `value`, directly, through the bias Add that follows it, or through a scalar Mul."""
+    value = unscaled(value)
     producer = value.producer()
     if producer is node:
         return True

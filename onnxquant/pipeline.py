@@ -40,7 +40,7 @@ from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, Fo
                               QuantizeGraphPass, RotateR1Pass, UntieEmbeddingsPass)
 from onnxquant.patterns import QUANT_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
-from onnxquant.rotation_config import load_rotation_config, resolve_pairs
+from onnxquant.rotation_config import load_rotation_config, refuse_sandwich_norms, resolve_pairs
 from onnxquant.scale_folding import fold_targets
 from onnxquant.schemes import QuantScheme
 from onnxquant.spec import QuantSpec
@@ -127,6 +127,7 @@ def _prepare_rotation(ctx: StageContext) -> list[Observation]:
     hidden = folder.hidden_size
     if settings.hidden_size is not None and settings.hidden_size != hidden:
         fail(f"--hidden_size {settings.hidden_size} differs from the model's hidden size {hidden}; drop it or pass {hidden}")
+    refuse_sandwich_norms(ctx.model.graph)
     UntieEmbeddingsPass()(ctx.model)
     return []
 
@@ -185,7 +186,7 @@ def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
     ctx.report.smoothed = len(targets)
     if ctx.state["one_pass"]:
         calibration = ctx.settings.scheme.calibration
-        ctx.ranges = {name: recorder.replay(make_range_observer(calibration), scales[name]).range()
+        ctx.ranges = {name: recorder.replay(make_range_observer(calibration, ctx.settings.scheme.activations), scales[name]).range()
                       for name, recorder in observers.items()}
     fold = FoldChannelScalesPass(targets, scales)
     ctx.state["fold"] = fold
@@ -217,7 +218,7 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
     ctx.state["plan"] = plan
     observations: list[Observation] = []
     if scheme.static_activations and (ctx.ranges is None or set(ctx.ranges) != set(plan.activations)):
-        ctx.state["range_observers"] = {name: make_range_observer(scheme.calibration) for name in plan.activations}
+        ctx.state["range_observers"] = {name: make_range_observer(scheme.calibration, scheme.activations) for name in plan.activations}
         observations += list(ctx.state["range_observers"].items())
     if scheme.algo in ("gptq", "awq"):
         ctx.state["hessians"] = {name: HessianObserver() for name in plan.activations}

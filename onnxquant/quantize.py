@@ -45,7 +45,7 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
         help="load this dataset from the Hugging Face hub with `datasets` instead of --calib_data")
     add("--use_moving_average", action="store_true", help="moving-average MinMax observers")
     add("--moving_average_constant", type=float, default=0.01)
-    add("--calib_method", default="minmax", help="minmax or percentile+<p> (e.g. percentile+99.999)")
+    add("--calib_method", default="minmax", help="activation ranges: minmax, percentile+<p> (e.g. percentile+99.999) or mse (the range minimizing quantization error)")
     add("--exclude", action="append", default=[], help="leave nodes whose name contains this in float (repeatable)")
     add("--include_rotation", action="store_true", help="apply the QuaRot R1 rotation")
     add("--r_config_path", default=None, help="rotation config JSON (default: rotation_configs/<family>.json)")
@@ -66,15 +66,15 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
 
 
 def parse_calib_method(value: str) -> dict:
-    if value == "minmax":
-        return {"method": "minmax"}
+    if value in ("minmax", "mse"):
+        return {"method": value}
     head, _, number = value.partition("+")
     try:
         percentile = float(number or 99.999) if head == "percentile" else -1.0
     except ValueError:
         percentile = -1.0
     if not 50.0 < percentile <= 100.0:
-        fail(f"--calib_method {value!r} is not minmax or percentile+<p> with p in (50, 100], e.g. percentile+99.999")
+        fail(f"--calib_method {value!r} is not minmax, mse or percentile+<p> with p in (50, 100], e.g. percentile+99.999")
     return {"method": "percentile", "percentile": percentile}
 
 

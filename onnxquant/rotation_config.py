@@ -5,6 +5,10 @@ Two formats, one schema. Each entry of `R1_pairs` is `{"prev_nodes": [...], "nor
 "last") is a template expanded for those layers, with `{i}`, `{i-1}` and `{i+1}` replaced by layer
 indices, so one family config fits any depth; an entry without it is taken literally (Quark's
 per-model configs work unchanged).
+
+`head_norms` (optional, same templating) lists norms inside attention that R1 leaves alone, such as
+Qwen3's per-head q_norm / k_norm: they read the output of a rotated MatMul, which R1 does not
+change, so they need no folding, but they are named so that no other norm goes unchecked.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import onnx_ir as ir
 
 from onnxquant.errors import fail
 from onnxquant.patterns import (NORM_OPS, ResolvedPair, is_const_matmul, is_embedding_gather, matmul_bias, nodes_by_name,
-                                residual_inputs, writes_into)
+                                residual_inputs, unscaled, writes_into)
 from onnxquant.resources import rotation_config_dir
 LAYER_SELECTORS = ("first", "rest", "all", "last")
 
@@ -33,6 +37,7 @@ class RotationPair:
 class RotationConfig:
     source: str
     pairs: tuple[RotationPair, ...]
+    head_norms: tuple[str, ...] = ()
 
 
 def _expand(template: str, i: int) -> str:
@@ -62,7 +67,14 @@ def parse_rotation_config(data: dict, source: str, num_layers: int) -> RotationC
             fail(f"rotation config {source}: R1_pairs[{number}] has layers={selector!r}; use one of {', '.join(LAYER_SELECTORS)}")
         for i in _layers(selector, num_layers):
             pairs.append(RotationPair(tuple(_expand(p, i) for p in prev), _expand(norm, i), tuple(_expand(n, i) for n in nxt)))
-    return RotationConfig(source, tuple(pairs))
+    head_norms = []
+    for number, entry in enumerate(data.get("head_norms", [])):
+        nodes, selector = entry.get("nodes") if isinstance(entry, dict) else None, entry.get("layers") if isinstance(entry, dict) else None
+        if not isinstance(nodes, list) or selector not in LAYER_SELECTORS:
+            fail(f"rotation config {source}: head_norms[{number}] needs a \"nodes\" list and \"layers\" "
+                 f"({', '.join(LAYER_SELECTORS)})")
+        head_norms += [_expand(node, i) for i in _layers(selector, num_layers) for node in nodes]
+    return RotationConfig(source, tuple(pairs), tuple(head_norms))
 
 
 def load_rotation_config(path: str | Path | None, model_type: str, num_layers: int) -> RotationConfig:
@@ -109,10 +121,44 @@ def resolve_pairs(config: RotationConfig, graph: ir.Graph) -> list[ResolvedPair]
         covered_norms.add(norm.name)
         _check_readers(config.source, pair)
         _check_writers(config.source, pair, writers)
+    rotated_readers = {node.name for pair in resolved for node in pair.next_nodes}
+    for name in config.head_norms:
+        _check_head_norm(config.source, lookup(name), rotated_readers)
+        covered_norms.add(name)
     for node in graph:
         if node.op_type in NORM_OPS and node.name not in covered_norms:
             fail(f"rotation config {config.source}: norm {node.name!r} is not in any R1 pair; the config does not match this model")
     return resolved
+
+
+def refuse_sandwich_norms(graph: ir.Graph) -> None:
+    """Refuse a graph whose attention or MLP output passes through a weighted RMSNorm before the
+    residual add (Gemma 2 and 3). R1 needs every residual writer to emit x Q; such a writer emits
+    w * norm(y), and a per-channel w does not commute with Q, so no fold makes the rotation exact
+    (only an online rotation after each of those norms would)."""
+    for node in graph:
+        if node.op_type != "SimplifiedLayerNormalization":
+            continue
+        producer = node.inputs[0].producer()
+        if producer is not None and is_const_matmul(producer) and any(
+                use.node.op_type == "SkipSimplifiedLayerNormalization" for use in node.outputs[0].uses()):
+            fail(f"--include_rotation: {node.name!r} normalizes the output of {producer.name!r} with a weighted RMSNorm "
+                 "before the residual add (sandwich norms, as in Gemma 2/3), which no fold can rotate exactly; "
+                 "quantize without --include_rotation (SmoothQuant and Hadamard groups still apply)")
+
+
+HEAD_RESHAPES = frozenset({"Reshape", "Split", "Transpose"})
+
+
+def _check_head_norm(source: str, norm: ir.Node, rotated_readers: set[str]) -> None:
+    """A head norm reads, through reshapes only, the output of a MatMul that R1 rotates on its input
+    side (so that output, and the norm, are unchanged)."""
+    producer = norm.inputs[0].producer() if norm.inputs else None
+    while producer is not None and producer.op_type in HEAD_RESHAPES:
+        producer = producer.inputs[0].producer()
+    if norm.op_type not in NORM_OPS or producer is None or producer.name not in rotated_readers:
+        fail(f"rotation config {source}: head norm {norm.name!r} does not read the output of a rotated MatMul "
+             "through reshapes; it is on the residual stream and belongs in an R1 pair")
 
 
 def _check_readers(source: str, pair: ResolvedPair) -> None:
@@ -136,7 +182,7 @@ def _check_writers(source: str, pair: ResolvedPair, writers: set[str]) -> None:
     norm = pair.norm_node
     inputs = residual_inputs(norm)
     for value in inputs:
-        producer = value.producer()
+        producer = unscaled(value).producer()
         if producer is None:
             fail(f"rotation config {source}: {norm.name!r} reads a graph input, which cannot be rotated")
         if producer.op_type == "SkipSimplifiedLayerNormalization" or producer.name in writers:

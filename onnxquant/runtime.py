@@ -37,7 +37,9 @@ def input_specs(session: ort.InferenceSession) -> list[tuple[str, type]]:
 def prefill_feeds(specs: list[tuple[str, type]], folder: GenAIFolder, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs for one prefill of `ids` [batch, seq]: the graph's real inputs with an empty past.
 
-    Past key/values have the shapes genai_config.json gives, with a past length of zero.
+    Past key/values have the shapes genai_config.json gives, with a past length of zero; a model
+    with a sliding window gets a zero-filled static cache of `kv_capacity` instead (ORT's
+    GroupQueryAttention requires one at least as long as the window).
     """
     batch, seq = ids.shape
     past = set(folder.past_names())
@@ -50,7 +52,8 @@ def prefill_feeds(specs: list[tuple[str, type]], folder: GenAIFolder, ids: np.nd
         elif name == "position_ids":
             feeds[name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
         elif name in past:
-            feeds[name] = np.zeros((batch, folder.num_kv_heads, 0, folder.head_size), dtype=dtype)
+            capacity = folder.kv_capacity(seq) if folder.sliding_window else 0
+            feeds[name] = np.zeros((batch, folder.num_kv_heads, capacity, folder.head_size), dtype=dtype)
         else:
             raise ValueError(f"unexpected graph input {name!r}; the folder is not an ORT-GenAI decoder")
     return feeds

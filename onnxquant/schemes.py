@@ -36,15 +36,18 @@ class NodeOverride:
         return self.pattern in name
 
 
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+
+
 @dataclass(frozen=True)
 class Calibration:
-    method: str = "minmax"  # "minmax" or "percentile"
+    method: str = "minmax"  # "minmax", "percentile" or "mse" (algorithms.range_search)
     percentile: float = 99.999
     moving_average: bool = False
     averaging_constant: float = 0.01  # new = old + c * (sample - old), as in AMD Quark / PyTorch
 
     def __post_init__(self) -> None:
-        if self.method not in ("minmax", "percentile"):
+        if self.method not in CALIBRATION_METHODS:
             raise ValueError(f"unknown calibration method {self.method!r}")
         if not 0.0 < self.averaging_constant <= 1.0:
             raise ValueError("averaging_constant must be in (0, 1]")

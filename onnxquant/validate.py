@@ -64,10 +64,11 @@ class GenAIBackend:
         threads = {"intra_op_num_threads": usable_cores()}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": threads}}}))
         self.model = og.Model(config)
+        self.kv_capacity = folder.kv_capacity
 
     def logits(self, window: np.ndarray) -> np.ndarray:
         params = self._og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(window))
+        params.set_search_options(max_length=self.kv_capacity(len(window)))
         generator = self._og.Generator(self.model, params)
         generator.append_tokens(window.reshape(1, -1).astype(np.int32))
         return np.asarray(generator.get_output("logits"))[0]

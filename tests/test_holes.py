@@ -79,7 +79,7 @@ def _tiny_quantize(tiny_models, out, calib_text_path, *flags):
 
 @pytest.mark.parametrize("flags", [("--config", "INT8_PER_CHANNEL"), ("--config", "INT8_SYMMETRIC_ACT"),
                                    ("--config", "INT8_SYMMETRIC_ACT_PER_CHANNEL", "--include_rotation", "--include_sq"),
-                                   ("--calib_method", "percentile+99.9")])
+                                   ("--calib_method", "percentile+99.9"), ("--calib_method", "mse")])
 def test_int8_schemes_run_near_float(tiny_models, tmp_path, calib_text_path, test_text, flags):
     from onnxquant.validate import eval_windows, evaluate_perplexity
 

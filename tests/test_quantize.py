@@ -7,7 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from onnxquant.calibration import MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver, run_calibration
+from onnxquant.algorithms.range_search import range_error
+from onnxquant.calibration import MinMaxObserver, MovingAverageMinMaxObserver, MseRangeObserver, PercentileObserver, run_calibration
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.passes import QuantizeGraphPass
 from onnxquant.plan import plan_quantization
@@ -40,6 +41,30 @@ def test_percentile_clips_a_lone_outlier():
     observer.update({"values": data})
     low, high = observer.range()
     assert low == pytest.approx(-1.0, abs=0.05) and high == pytest.approx(1.0, abs=0.05)
+
+
+def _outlier_tensor():
+    data = np.random.default_rng(0).standard_normal(200_000).astype(np.float32)
+    data[:3] = [40.0, -25.0, 30.0]
+    return data
+
+
+@pytest.mark.parametrize("scheme", ["INT8_TRANSFORMER_DEFAULT", "INT8_SYMMETRIC_ACT"])
+def test_mse_range_clips_outliers_when_that_lowers_the_error(scheme):
+    spec, data = SCHEMES[scheme].activations, _outlier_tensor()
+    observer = MseRangeObserver(spec)
+    observer.update({"values": data})
+    low, high = observer.range()
+    values, ones = data.astype(np.float64), np.ones(data.size)
+    assert -25.0 <= low < 0.0 < high <= 40.0 and (low, high) != (-25.0, 40.0)
+    assert range_error(values, ones, low, high, spec) < range_error(values, ones, -25.0, 40.0, spec)
+
+
+def test_mse_range_keeps_the_extremes_on_fp8():
+    # FP8's error is relative, so the Gaussian bulk loses nothing to the outliers' wide range.
+    observer = MseRangeObserver(SCHEMES["FP8_E4M3"].activations)
+    observer.update({"values": _outlier_tensor()})
+    assert observer.range() == (-25.0, 40.0)
 
 
 def test_symmetric_and_asymmetric_grids():

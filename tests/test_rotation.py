@@ -93,10 +93,10 @@ def test_family_without_config(tiny_models, tmp_path, calib_text_path):
     folder = tmp_path / "other"
     shutil.copytree(tiny_models.onnx("tiny-llama-96"), folder)
     config = json.loads((folder / "genai_config.json").read_text())
-    config["model"]["type"] = "gemma"
+    config["model"]["type"] = "olmo"
     (folder / "genai_config.json").write_text(json.dumps(config))
     result = float_pass_run(folder, tmp_path / "o", calib_text_path, "--include_rotation")
-    assert_user_error(result, "no rotation config for model type 'gemma'", "--r_config_path")
+    assert_user_error(result, "no rotation config for model type 'olmo'", "--r_config_path")
 
 
 def test_already_rotated_graph_is_refused(tiny_models, tmp_path, calib_text_path):

@@ -249,7 +249,7 @@ def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens
     total = len(prompt) + new_tokens
     params = og.GeneratorParams(model)
     # min_length keeps EOS from ending the run early, so every run decodes the same count.
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    params.set_search_options(max_length=folder.kv_capacity(total), min_length=total, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(prompt.reshape(1, -1).astype(np.int32))
     generated = 0
