@@ -13,6 +13,7 @@ folder with its pending transforms and loaded back, and the previous scratch sta
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from onnxquant.algorithms.awq import awq_scales
 from onnxquant.algorithms.gptq import GPTQSettings, gptq_round
 from onnxquant.algorithms.rtn import clip_search
+from onnxquant.algorithms.sensitivity import matmul_sensitivity
 from onnxquant.algorithms.smooth_quant import target_scales
 from onnxquant.calibration import (ChannelAbsMaxObserver, ChannelExtremaRecorder, ChannelMeanAbsObserver,
                                    HessianObserver, Observation, make_range_observer, run_calibration,
@@ -62,11 +64,17 @@ class QuantizeSettings:
     skip_quantization: bool = False
     gptq: GPTQSettings = GPTQSettings()
     hadamard_group_size: int | None = None  # None: no Hadamard groups
+    exclude_most_sensitive: int = 0  # MatMuls kept in float, the highest by algorithms.sensitivity
 
     @property
     def needs_calibration(self) -> bool:
         scheme = self.scheme
-        return self.sq_alpha is not None or (not self.skip_quantization and (scheme.static_activations or scheme.algo != "rtn"))
+        return self.sq_alpha is not None or (not self.skip_quantization and (
+            scheme.static_activations or scheme.algo != "rtn" or self.exclude_most_sensitive > 0))
+
+    @property
+    def needs_hessians(self) -> bool:
+        return self.scheme.algo in ("gptq", "awq") or self.exclude_most_sensitive > 0
 
 
 @dataclass
@@ -75,6 +83,7 @@ class QuantizeReport:
     smoothed: int = 0
     inserted_muls: list[tuple[str, str]] = field(default_factory=list)
     awq_alphas: list[float] = field(default_factory=list)
+    kept_float: list[str] = field(default_factory=list)  # --exclude_most_sensitive, most sensitive first
     calibration_seconds: float = 0.0
     calibration_passes: int = 0
     seconds: float = 0.0
@@ -90,6 +99,8 @@ class QuantizeReport:
             extras += f" hadamard_groups={settings.hadamard_group_size}"
         if settings.sq_alpha is not None:
             extras += f" smoothed={self.smoothed} sq_alpha={settings.sq_alpha} sq_inserted_muls={len(self.inserted_muls)}"
+        if self.kept_float:
+            extras += f" kept_float={len(self.kept_float)}"
         if self.calibration_passes and (settings.sq_alpha is not None or scheme.algo != "rtn"):
             extras += f" calibration_passes={self.calibration_passes}"
         return (f"quantized={self.quantized_nodes} nodes config={config} seconds={self.seconds:.1f} "
@@ -220,7 +231,7 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
     if scheme.static_activations and (ctx.ranges is None or set(ctx.ranges) != set(plan.activations)):
         ctx.state["range_observers"] = {name: make_range_observer(scheme.calibration, scheme.activations) for name in plan.activations}
         observations += list(ctx.state["range_observers"].items())
-    if scheme.algo in ("gptq", "awq"):
+    if ctx.settings.needs_hessians:
         ctx.state["hessians"] = {name: HessianObserver() for name in plan.activations}
         observations += list(ctx.state["hessians"].items())
     if scheme.algo == "awq":
@@ -263,17 +274,48 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
     rounder = nearest_rounder
     if scheme.clip_search and scheme.algo == "rtn":
         rounder = lambda name, weight, spec: clip_search(weight, spec)  # noqa: E731
-    if scheme.algo in ("gptq", "awq"):
+    if ctx.settings.needs_hessians:
+        observers = ctx.state.pop("hessians")
         # Taken out of the observers so that each is freed once rounded (float32 until used).
-        hessians = {name: observer.sums.pop("xtx") for name, observer in ctx.state.pop("hessians").items()}
+        hessians = {name: observer.sums.pop("xtx") for name, observer in observers.items()}
+    if ctx.settings.exclude_most_sensitive:
+        tokens = {name: observer.tokens for name, observer in observers.items()}
+        ctx.report.kept_float = _most_sensitive(ctx, plan, hessians, tokens, ranges)
+        plan = plan.without(ctx.report.kept_float)
+        hessians = {name: h for name, h in hessians.items() if name in plan.activations}
+    if scheme.algo in ("gptq", "awq"):
         if scheme.algo == "awq":
             passes.append(_awq_pass(ctx, plan, hessians))
         reader_input = {reader: activation for activation, readers in plan.activations.items() for reader in readers}
         rounder = _HessianRounder(hessians, reader_input, ctx.settings.gptq, gptq=scheme.algo == "gptq")
     description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}
+    if ctx.report.kept_float:
+        description["kept_float"] = ctx.report.kept_float
     quantize = QuantizeGraphPass(plan, ranges, description, rounder, scheme.accuracy_level)
     ctx.state["quantize"] = quantize
     return passes + [quantize]
+
+
+def _most_sensitive(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.ndarray], tokens: dict[str, int],
+                    ranges: dict[str, tuple[float, float]]) -> list[str]:
+    """The `exclude_most_sensitive` planned MatMuls with the largest modelled output error."""
+    count = ctx.settings.exclude_most_sensitive
+    if count >= len(plan.matmuls):
+        fail(f"--exclude_most_sensitive {count} would leave none of the {len(plan.matmuls)} quantizable MatMuls "
+             "quantized; pass a smaller count")
+    by_name = nodes_by_name(ctx.model.graph)
+    scores = {}
+    for activation, readers in tqdm(plan.activations.items(), desc="sensitivity", unit="group", leave=False):
+        for name in readers:
+            weight = constant_weight(by_name[name])
+            # The plain grid stands in for the pair-safe one: the ranking needs the error's size, not its last bit.
+            spec = dataclasses.replace(plan.nodes[name].weights, pair_safe=False)
+            scores[name] = read_initializer(weight, lambda w: matmul_sensitivity(
+                w, hessians[activation], tokens[activation], spec, plan.activation_spec, ranges.get(activation)))
+    ranked = sorted(scores, key=scores.get, reverse=True)[:count]
+    for name in ranked:
+        print(f"kept in float: {name} (modelled relative output error {scores[name]:.2e})")
+    return ranked
 
 
 def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.ndarray]) -> FoldChannelScalesPass:

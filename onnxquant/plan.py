@@ -38,6 +38,15 @@ class QuantPlan:
     def matmuls(self) -> list[PlannedNode]:
         return [node for node in self.nodes.values() if node.op == "MatMul"]
 
+    def without(self, names: list[str]) -> "QuantPlan":
+        """This plan with the MatMuls `names` left in float (an activation none of whose readers is
+        left quantized loses its Q/DQ too)."""
+        dropped = set(names)
+        activations = {activation: [r for r in readers if r not in dropped] for activation, readers in self.activations.items()}
+        return QuantPlan({name: node for name, node in self.nodes.items() if name not in dropped},
+                         {activation: readers for activation, readers in activations.items() if readers},
+                         self.activation_spec, self.embedding)
+
 
 def plan_quantization(graph: ir.Graph, scheme: QuantScheme, include_embedding: bool = True) -> QuantPlan:
     plan = QuantPlan(activation_spec=scheme.activations)

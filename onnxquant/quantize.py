@@ -47,6 +47,9 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--moving_average_constant", type=float, default=0.01)
     add("--calib_method", default="minmax", help="activation ranges: minmax, percentile+<p> (e.g. percentile+99.999) or mse (the range minimizing quantization error)")
     add("--exclude", action="append", default=[], help="leave nodes whose name contains this in float (repeatable)")
+    add("--exclude_most_sensitive", type=int, default=0, metavar="N",
+        help="mixed precision: keep the N MatMuls with the largest modelled output error (weight and activation grids, "
+             "from the calibration Hessian) in float")
     add("--include_rotation", action="store_true", help="apply the QuaRot R1 rotation")
     add("--r_config_path", default=None, help="rotation config JSON (default: rotation_configs/<family>.json)")
     add("--hidden_size", type=int, default=None, help="rotation size; must equal the model's hidden size")
@@ -111,7 +114,10 @@ def settings_from_args(args) -> QuantizeSettings:
     group = args.hadamard_group_size
     if group is not None and group not in HADAMARD_GROUP_SIZES:
         fail(f"--hadamard_group_size {group} is not one of {', '.join(map(str, HADAMARD_GROUP_SIZES))}")
-    return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, hadamard_group_size=group)
+    if args.exclude_most_sensitive < 0:
+        fail(f"--exclude_most_sensitive {args.exclude_most_sensitive} is negative; pass a count of MatMuls (0: none)")
+    return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, hadamard_group_size=group,
+                            exclude_most_sensitive=args.exclude_most_sensitive)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantize") -> int:

@@ -1,6 +1,7 @@
 """Mistakes and untested paths a review found: each ends in one clear line, or works and is checked."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -118,3 +119,20 @@ def test_output_file_name_and_overwrite(tiny_models, tmp_path, calib_text_path, 
 
 def test_shipped_rotation_configs_are_found():
     assert {p.name for p in rotation_config_dir().glob("*.json")} >= {"llama.json", "qwen2.json"}
+
+
+def test_exclude_most_sensitive_keeps_that_many_matmuls_in_float(tiny_models, tmp_path, calib_text_path):
+    result = _tiny_quantize(tiny_models, tmp_path / "q", calib_text_path, "--exclude_most_sensitive", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    kept = re.findall(r"^kept in float: (\S+)", result.stdout, re.MULTILINE)
+    assert len(kept) == 2 and "kept_float=2" in result.stdout
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    float_matmuls = {n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in initializers}
+    assert float_matmuls == set(kept)
+
+
+def test_exclude_most_sensitive_must_leave_something_quantized(tiny_models, tmp_path, calib_text_path):
+    result = _tiny_quantize(tiny_models, tmp_path / "q", calib_text_path, "--exclude_most_sensitive", "99")
+    assert_user_error(result, "--exclude_most_sensitive 99", "smaller count")
+    assert not (tmp_path / "q").exists()
