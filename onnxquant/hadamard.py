@@ -58,20 +58,26 @@ def _paley(m: int) -> np.ndarray | None:
     return None
 
 
-def hadamard_matrix(n: int) -> np.ndarray | None:
-    """A ±1 matrix H with H Hᵀ = n I, or None when no construction here reaches n."""
+def hadamard_factors(n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(A, B) with A ⊗ B a ±1 Hadamard matrix of order n: A a Paley matrix (or [[1]]) and B the
+    Sylvester matrix of the largest power of two that leaves a Paley order; None when no
+    construction here reaches n."""
     if n < 1:
         return None
     power = n & -n  # largest power of two dividing n
     while power >= 1:
         m = n // power
-        if m == 1:
-            return scipy.linalg.hadamard(n).astype(np.float64)
-        base = _paley(m)
+        base = np.ones((1, 1)) if m == 1 else _paley(m)
         if base is not None:
-            return np.kron(base, scipy.linalg.hadamard(power).astype(np.float64))
+            return base.astype(np.float64), scipy.linalg.hadamard(power).astype(np.float64)
         power //= 2
     return None
+
+
+def hadamard_matrix(n: int) -> np.ndarray | None:
+    """A ±1 matrix H with H Hᵀ = n I, or None when no construction here reaches n."""
+    factors = hadamard_factors(n)
+    return None if factors is None else np.kron(*factors)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ ROTATION_METADATA_KEY = "onnxquant.rotation"
 HADAMARD_GROUPS_METADATA_KEY = "onnxquant.hadamard_groups"
 # Node metadata on a MatMul that applies an online rotation (its constant is not a weight to quantize).
 ONLINE_ROTATION_KEY = "onnxquant.online_rotation"
+R4_METADATA_KEY = "onnxquant.r4"
 
 
 @dataclass(frozen=True)

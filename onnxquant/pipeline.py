@@ -40,7 +40,8 @@ from onnxquant.graph_utils import read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
 from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, HadamardGroupsPass,
                               QuantizeGraphPass, RotateR1Pass, UntieEmbeddingsPass)
-from onnxquant.patterns import QUANT_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
+from onnxquant.passes.online_hadamard import OnlineHadamardPass, r4_activations
+from onnxquant.patterns import QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
 from onnxquant.rotation_config import load_rotation_config, refuse_sandwich_norms, resolve_pairs
 from onnxquant.scale_folding import fold_targets
@@ -64,6 +65,7 @@ class QuantizeSettings:
     skip_quantization: bool = False
     gptq: GPTQSettings = GPTQSettings()
     hadamard_group_size: int | None = None  # None: no Hadamard groups
+    r4: bool = False  # QuaRot's online Hadamard on down_proj inputs
     exclude_most_sensitive: int = 0  # MatMuls kept in float, the highest by algorithms.sensitivity
 
     @property
@@ -95,6 +97,8 @@ class QuantizeReport:
         if scheme.weights.granularity == "per_block" and not settings.skip_quantization:
             config += f" algo={scheme.algo}"
         extras = " rotation=R1" if settings.rotation is not None else ""
+        if settings.r4:
+            extras += " r4=down_proj"
         if settings.hadamard_group_size is not None:
             extras += f" hadamard_groups={settings.hadamard_group_size}"
         if settings.sq_alpha is not None:
@@ -204,6 +208,18 @@ def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
     return [fold]
 
 
+# --- R4 -----------------------------------------------------------------------------------------
+
+def _prepare_r4(ctx: StageContext) -> list[Observation]:
+    UntieEmbeddingsPass()(ctx.model)
+    ctx.state["r4"] = r4_activations(_plan(ctx).activations)
+    return []
+
+
+def _build_r4(ctx: StageContext) -> list[ir.passes.PassBase]:
+    return [OnlineHadamardPass(ctx.state["r4"])]
+
+
 # --- HADAMARD GROUPS ----------------------------------------------------------------------------
 
 def _prepare_hadamard_groups(ctx: StageContext) -> list[Observation]:
@@ -213,7 +229,11 @@ def _prepare_hadamard_groups(ctx: StageContext) -> list[Observation]:
 
 
 def _build_hadamard_groups(ctx: StageContext) -> list[ir.passes.PassBase]:
-    return [HadamardGroupsPass(ctx.state["plan"].activations, ctx.settings.hadamard_group_size)]
+    # An input R4 already spread over all its channels gains nothing from groups inside it.
+    by_name = nodes_by_name(ctx.model.graph)
+    activations = {x: readers for x, readers in ctx.state["plan"].activations.items()
+                   if not any(R4_METADATA_KEY in by_name[r].metadata_props for r in readers)}
+    return [HadamardGroupsPass(activations, ctx.settings.hadamard_group_size)]
 
 
 # --- QUANTIZE -----------------------------------------------------------------------------------
@@ -339,10 +359,11 @@ def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.ndarray
 
 ROTATE = Stage("rotate", lambda s: s.rotation is not None, _prepare_rotation, _build_rotation, checkpoint=True)
 SMOOTH = Stage("smooth", lambda s: s.sq_alpha is not None, _prepare_smoothing, _build_smoothing, checkpoint=True)
+R4 = Stage("r4", lambda s: s.r4, _prepare_r4, _build_r4, checkpoint=True)
 HADAMARD_GROUPS = Stage("hadamard_groups", lambda s: s.hadamard_group_size is not None, _prepare_hadamard_groups,
                         _build_hadamard_groups, checkpoint=True)
 QUANTIZE = Stage("quantize", lambda s: not s.skip_quantization, _prepare_quantization, _build_quantization, checkpoint=False)
-RECIPE = (ROTATE, SMOOTH, HADAMARD_GROUPS, QUANTIZE)
+RECIPE = (ROTATE, SMOOTH, R4, HADAMARD_GROUPS, QUANTIZE)
 
 
 def _user_error_in(exc: BaseException) -> UserError | None:

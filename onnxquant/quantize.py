@@ -57,6 +57,8 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--seed", type=int, default=0)
     add("--hadamard_group_size", type=int, default=None,
         help="block-diagonal Hadamard groups of this size (16, 32, 64 or 128) on every quantized MatMul's input, folded into its weight")
+    add("--include_r4", action="store_true",
+        help="QuaRot R4: a full online Hadamard (in Kronecker-factored form) on every down_proj input, folded into its weight")
     add("--include_sq", action="store_true", help="apply SmoothQuant, folded into the graph")
     add("--sq_alpha", type=float, default=None, help="SmoothQuant migration strength in (0, 1) (default: the scheme's)")
     add("--skip_quantization", action="store_true", help="run only the graph passes; write a float model")
@@ -117,7 +119,7 @@ def settings_from_args(args) -> QuantizeSettings:
     if args.exclude_most_sensitive < 0:
         fail(f"--exclude_most_sensitive {args.exclude_most_sensitive} is negative; pass a count of MatMuls (0: none)")
     return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, hadamard_group_size=group,
-                            exclude_most_sensitive=args.exclude_most_sensitive)
+                            r4=args.include_r4, exclude_most_sensitive=args.exclude_most_sensitive)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantize") -> int:
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
     check_output_dir(output_dir, [folder.path], args.overwrite)
     # The output is at most the input's size; each float stage (rotation, smoothing, Hadamard groups) writes a scratch copy.
     input_bytes = model_bytes(folder.path, folder.model_file.name)
-    float_stages = sum(x is not None for x in (settings.rotation, settings.sq_alpha, settings.hadamard_group_size))
+    float_stages = sum(x is not None for x in (settings.rotation, settings.sq_alpha, settings.hadamard_group_size)) + settings.r4
     require_free_space(output_dir, input_bytes * (1 + float_stages), f"quantizing {folder.model_file}")
     if args.num_calib_data < 1 or args.seq_len < 2:
         fail("--num_calib_data must be at least 1 and --seq_len at least 2")
