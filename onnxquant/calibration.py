@@ -168,24 +168,37 @@ class GrowingHistogram:
         self.counts += counts
 
 
-class PercentileObserver(Observer):
-    """Clip the range at a percentile of |x|, from a histogram that widens as larger values arrive.
-    Needs the whole tensor of each sample (one activation at a time, never stored)."""
+class _HistogramObserver(Observer):
+    """Tracks min and max and a histogram of each sample's whole tensor (one activation at a time,
+    never stored); subclasses say what is histogrammed and how a range comes out of it."""
 
-    def __init__(self, percentile: float, bins: int = 4096) -> None:
-        self.percentile = percentile
-        self.hist = GrowingHistogram(bins, signed=False)
+    def __init__(self, hist: GrowingHistogram) -> None:
+        self.hist = hist
         self.min = math.inf
         self.max = -math.inf
 
     def reductions(self, graph, value, tag):
         return {"values": _node(graph, "Identity", [value], f"{tag}/values")}
 
+    def _histogrammed(self, x: np.ndarray) -> np.ndarray:
+        return x
+
     def update(self, stats) -> None:
         x = stats["values"]
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
-        self.hist.add(np.abs(x).ravel())
+        self.hist.add(self._histogrammed(x).ravel())
+
+
+class PercentileObserver(_HistogramObserver):
+    """Clip the range at a percentile of |x|, from a histogram that widens as larger values arrive."""
+
+    def __init__(self, percentile: float, bins: int = 4096) -> None:
+        super().__init__(GrowingHistogram(bins, signed=False))
+        self.percentile = percentile
+
+    def _histogrammed(self, x: np.ndarray) -> np.ndarray:
+        return np.abs(x)
 
     def range(self) -> tuple[float, float]:
         cumulative = np.cumsum(self.hist.counts)
@@ -194,22 +207,14 @@ class PercentileObserver(Observer):
         return max(self.min, -threshold), min(self.max, threshold)
 
 
-class MseRangeObserver(PercentileObserver):
+class MseRangeObserver(_HistogramObserver):
     """The range minimizing the activation grid's quantize-dequantize error over every calibration
     value (algorithms.range_search), from a signed histogram fine enough that a grid step spans
     many bins."""
 
     def __init__(self, spec: QuantSpec, bins: int = 16384) -> None:
+        super().__init__(GrowingHistogram(bins, signed=True))
         self.spec = spec
-        self.hist = GrowingHistogram(bins, signed=True)
-        self.min = math.inf
-        self.max = -math.inf
-
-    def update(self, stats) -> None:
-        x = stats["values"]
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
-        self.hist.add(x.ravel())
 
     def range(self) -> tuple[float, float]:
         return mse_range(self.hist.centres(), self.hist.counts, (min(self.min, 0.0), max(self.max, 0.0)), self.spec)

@@ -69,7 +69,8 @@ def parse_rotation_config(data: dict, source: str, num_layers: int) -> RotationC
             pairs.append(RotationPair(tuple(_expand(p, i) for p in prev), _expand(norm, i), tuple(_expand(n, i) for n in nxt)))
     head_norms = []
     for number, entry in enumerate(data.get("head_norms", [])):
-        nodes, selector = entry.get("nodes") if isinstance(entry, dict) else None, entry.get("layers") if isinstance(entry, dict) else None
+        entry = entry if isinstance(entry, dict) else {}
+        nodes, selector = entry.get("nodes"), entry.get("layers")
         if not isinstance(nodes, list) or selector not in LAYER_SELECTORS:
             fail(f"rotation config {source}: head_norms[{number}] needs a \"nodes\" list and \"layers\" "
                  f"({', '.join(LAYER_SELECTORS)})")

@@ -106,3 +106,16 @@ def float_pass_run(source: Path, out: Path, calib_text_path: Path, *flags: str) 
     return run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
                       "--skip_quantization", "--calib_data", str(calib_text_path), "--num_calib_data", "4",
                       "--seq_len", "128", "--overwrite", *flags)
+
+
+def assert_float_pass_exact(source: Path, out: Path, calib_text_path: Path, test_text: str, *flags: str,
+                            tokens: int = 256) -> subprocess.CompletedProcess:
+    """`quantize --skip_quantization` with `flags` succeeds and leaves the logits of the first
+    `tokens` test tokens within 1e-4 (relative) of the source model's."""
+    from onnxquant.data import tokenize
+
+    result = float_pass_run(source, out, calib_text_path, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = tokenize(source, test_text[:3000])[:tokens]
+    assert relative_logit_error(prefill_logits(source, ids), prefill_logits(out, ids)) < 1e-4
+    return result

@@ -5,11 +5,11 @@ Hadamard groups are exact."""
 import numpy as np
 import pytest
 
-from onnxquant.data import tokenize
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.validate import eval_windows, evaluate_perplexity
 
-from conftest import assert_user_error, float_pass_run, prefill_logits, relative_logit_error, run_module
+from conftest import (assert_float_pass_exact, assert_user_error, float_pass_run, prefill_logits, relative_logit_error,
+                      run_module)
 
 ROTATABLE = {"tiny-mistral-96": True, "tiny-qwen3-96": True, "tiny-phi3-96": True, "tiny-gemma-96": True,
              "tiny-gemma2-96": False, "tiny-gemma3-96": False}  # Gemma 2/3: sandwich norms
@@ -31,24 +31,18 @@ def test_export_matches_transformers(tiny_models, name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_rotation_is_exact_or_refused(tiny_models, tmp_path, calib_text_path, test_text, name):
-    source = tiny_models.onnx(name)
-    result = float_pass_run(source, tmp_path / "rot", calib_text_path, "--include_rotation", "--include_sq")
-    if not ROTATABLE[name]:
-        assert_user_error(result, "sandwich norms", "without --include_rotation")
-        assert not (tmp_path / "rot").exists()
+    source, flags = tiny_models.onnx(name), ("--include_rotation", "--include_sq")
+    if ROTATABLE[name]:
+        assert_float_pass_exact(source, tmp_path / "rot", calib_text_path, test_text, *flags, tokens=300)
         return
-    assert result.returncode == 0, result.stderr[-3000:]
-    ids = tokenize(source, test_text[:3000])[:300]
-    assert relative_logit_error(prefill_logits(source, ids), prefill_logits(tmp_path / "rot", ids)) < 1e-4
+    assert_user_error(float_pass_run(source, tmp_path / "rot", calib_text_path, *flags), "sandwich norms", "without --include_rotation")
+    assert not (tmp_path / "rot").exists()
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_smoothquant_and_hadamard_groups_are_exact(tiny_models, tmp_path, calib_text_path, test_text, name):
-    source = tiny_models.onnx(name)
-    result = float_pass_run(source, tmp_path / "sq", calib_text_path, "--include_sq", "--hadamard_group_size", "16")
-    assert result.returncode == 0, result.stderr[-3000:]
-    ids = tokenize(source, test_text[:3000])[:300]
-    assert relative_logit_error(prefill_logits(source, ids), prefill_logits(tmp_path / "sq", ids)) < 1e-4
+    assert_float_pass_exact(tiny_models.onnx(name), tmp_path / "sq", calib_text_path, test_text,
+                            "--include_sq", "--hadamard_group_size", "16", tokens=300)
 
 
 # INT8 W8A8 stays within 5% of float; 4-bit block 32 within 40% (random tiny weights carry no

@@ -2,11 +2,10 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxquant.data import tokenize
 from onnxquant.hadamard import hadamard_factors, hadamard_matrix
 from onnxquant.passes.online_hadamard import _factors, kronecker_rows
 
-from conftest import float_pass_run, prefill_logits, relative_logit_error
+from conftest import assert_float_pass_exact
 
 
 @pytest.mark.parametrize("k", [256, 320, 1536, 8960])
@@ -26,10 +25,7 @@ def test_kronecker_factors_rebuild_hadamard_matrix():
 
 @pytest.mark.parametrize("name", ["tiny-llama-96", "tiny-qwen2-96"])
 def test_r4_keeps_float_logits_and_stays_online_in_float(tiny_models, tmp_path, calib_text_path, test_text, name):
-    source = tiny_models.onnx(name)
-    result = float_pass_run(source, tmp_path / "r4", calib_text_path, "--include_rotation", "--include_sq", "--include_r4")
-    assert result.returncode == 0, result.stderr[-3000:]
-    ids = tokenize(source, test_text[:3000])[:256]
-    assert relative_logit_error(prefill_logits(source, ids), prefill_logits(tmp_path / "r4", ids)) < 1e-4
+    assert_float_pass_exact(tiny_models.onnx(name), tmp_path / "r4", calib_text_path, test_text,
+                            "--include_rotation", "--include_sq", "--include_r4")
     graph = onnx.load(str(tmp_path / "r4" / "model.onnx"), load_external_data=False).graph
     assert sum(n.name.endswith("/r4/MatMul_left") for n in graph.node) == 2  # one per layer's down_proj

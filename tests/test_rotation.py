@@ -7,7 +7,7 @@ import pytest
 from onnxquant.data import tokenize
 from onnxquant.hadamard import hadamard_matrix, rotation_matrix
 
-from conftest import assert_user_error, float_pass_run, prefill_logits, relative_logit_error
+from conftest import assert_float_pass_exact, assert_user_error, float_pass_run, prefill_logits, relative_logit_error
 
 
 @pytest.mark.parametrize("n", [64, 96, 576, 896, 1536, 3072])
@@ -33,11 +33,7 @@ def test_size_without_hadamard_falls_back_with_a_warning():
 
 @pytest.mark.parametrize("name", ["tiny-llama3-64", "tiny-llama-96", "tiny-qwen2-96", "tiny-llama-576"])
 def test_rotated_float_model_keeps_its_logits(tiny_models, tmp_path, calib_text_path, test_text, name):
-    source = tiny_models.onnx(name)
-    result = float_pass_run(source, tmp_path / "rot", calib_text_path, "--include_rotation")
-    assert result.returncode == 0, result.stderr[-3000:]
-    ids = tokenize(source, test_text[:3000])[:256]
-    assert relative_logit_error(prefill_logits(source, ids), prefill_logits(tmp_path / "rot", ids)) < 1e-4
+    assert_float_pass_exact(tiny_models.onnx(name), tmp_path / "rot", calib_text_path, test_text, "--include_rotation")
 
 
 def test_quark_format_config_is_accepted(tiny_models, tmp_path, calib_text_path, test_text):

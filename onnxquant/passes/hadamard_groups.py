@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -74,21 +75,38 @@ class HadamardGroupsPass(ir.passes.InPlacePass):
                 continue
             self.online += 1
             prefix = f"{activation}/hadamard_group"
-            shape = ir.node("Shape", [x], name=f"{prefix}/Shape")
-            groups = ir.node("Reshape", [x, flat], name=f"{prefix}/Reshape")
-            rotate = ir.node("MatMul", [groups.outputs[0], matrix], name=f"{prefix}/MatMul")
-            rotate.metadata_props[ONLINE_ROTATION_KEY] = f"hadamard_group_{g}"
-            back = ir.node("Reshape", [rotate.outputs[0], shape.outputs[0]], name=f"{prefix}/Reshape_back")
-            for node, suffix in ((shape, "shape"), (groups, "groups"), (rotate, "rotated_groups"), (back, "rotated")):
-                node.outputs[0].name = f"{prefix}/{suffix}"
-            back.outputs[0].dtype, back.outputs[0].shape = x.dtype or ir.DataType.FLOAT, x.shape
-            graph.insert_before(readers[0], [shape, groups, rotate, back])
+
+            def rotate(groups: ir.Value, prefix=prefix) -> list[ir.Node]:
+                product = ir.node("MatMul", [groups, matrix], name=f"{prefix}/MatMul")
+                product.outputs[0].name = f"{prefix}/rotated_groups"
+                return [product]
+
+            insert_online_rotation(graph, x, readers, prefix, flat, "groups", rotate, f"hadamard_group_{g}")
             for reader in readers:
-                reader.replace_input_with(0, back.outputs[0])
                 transform_initializer(constant_weight(reader), lambda w, h=h: _rotate_row_groups(w, h), blocks_along=1)
         model.metadata_props[HADAMARD_GROUPS_METADATA_KEY] = json.dumps({"group_size": g, "online": self.online,
                                                                          "folded_into_v": self.folded})
         return ir.passes.PassResult(model, modified=bool(self.activations))
+
+
+def insert_online_rotation(graph: ir.Graph, x: ir.Value, readers: list[ir.Node], prefix: str, grid_shape: ir.Value,
+                           grid_name: str, rotate: Callable[[ir.Value], list[ir.Node]], tag: str) -> None:
+    """Make `readers` read x rotated in the graph: Reshape(x, grid_shape) -> the nodes `rotate`
+    builds on that grid (the last one's output is the rotated grid) -> Reshape back to x's shape.
+    The nodes' MatMuls carry ONLINE_ROTATION_KEY = `tag`, so the planner never quantizes them."""
+    shape = ir.node("Shape", [x], name=f"{prefix}/Shape")
+    grid = ir.node("Reshape", [x, grid_shape], name=f"{prefix}/Reshape")
+    shape.outputs[0].name, grid.outputs[0].name = f"{prefix}/shape", f"{prefix}/{grid_name}"
+    middle = rotate(grid.outputs[0])
+    for node in middle:
+        if node.op_type == "MatMul":
+            node.metadata_props[ONLINE_ROTATION_KEY] = tag
+    back = ir.node("Reshape", [middle[-1].outputs[0], shape.outputs[0]], name=f"{prefix}/Reshape_back")
+    back.outputs[0].name = f"{prefix}/rotated"
+    back.outputs[0].dtype, back.outputs[0].shape = x.dtype or ir.DataType.FLOAT, x.shape
+    graph.insert_before(readers[0], [shape, grid, *middle, back])
+    for reader in readers:
+        reader.replace_input_with(0, back.outputs[0])
 
 
 def _rotate_row_groups(weight: np.ndarray, h: np.ndarray) -> np.ndarray:

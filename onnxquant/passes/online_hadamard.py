@@ -11,7 +11,8 @@ import scipy.linalg
 from onnxquant.errors import fail
 from onnxquant.graph_utils import add_initializer, transform_initializer
 from onnxquant.hadamard import hadamard_factors
-from onnxquant.patterns import ONLINE_ROTATION_KEY, R4_METADATA_KEY, constant_weight, nodes_by_name
+from onnxquant.passes.hadamard_groups import insert_online_rotation
+from onnxquant.patterns import R4_METADATA_KEY, constant_weight, nodes_by_name
 
 R4_READER = "/mlp/down_proj/MatMul"  # the builder's name for every family's down projection
 
@@ -66,19 +67,15 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
                 orders[k] = f"{a}x{p}"
             left, right, left_t, right_v, split = constants[k]
             prefix = f"{activation}/r4"
-            shape = ir.node("Shape", [x], name=f"{prefix}/Shape")
-            grid = ir.node("Reshape", [x, split], name=f"{prefix}/Reshape")
-            times_right = ir.node("MatMul", [grid.outputs[0], right_v], name=f"{prefix}/MatMul_right")
-            times_left = ir.node("MatMul", [left_t, times_right.outputs[0]], name=f"{prefix}/MatMul_left")
-            back = ir.node("Reshape", [times_left.outputs[0], shape.outputs[0]], name=f"{prefix}/Reshape_back")
-            for node in (times_right, times_left):
-                node.metadata_props[ONLINE_ROTATION_KEY] = f"r4_{k}"
-            for node, suffix in ((shape, "shape"), (grid, "grid"), (times_right, "right"), (times_left, "left"), (back, "rotated")):
-                node.outputs[0].name = f"{prefix}/{suffix}"
-            back.outputs[0].dtype, back.outputs[0].shape = x.dtype or ir.DataType.FLOAT, x.shape
-            graph.insert_before(readers[0], [shape, grid, times_right, times_left, back])
+
+            def rotate(grid: ir.Value, prefix=prefix, left_t=left_t, right_v=right_v) -> list[ir.Node]:
+                times_right = ir.node("MatMul", [grid, right_v], name=f"{prefix}/MatMul_right")
+                times_left = ir.node("MatMul", [left_t, times_right.outputs[0]], name=f"{prefix}/MatMul_left")
+                times_right.outputs[0].name, times_left.outputs[0].name = f"{prefix}/right", f"{prefix}/left"
+                return [times_right, times_left]
+
+            insert_online_rotation(graph, x, readers, prefix, split, "grid", rotate, f"r4_{k}")
             for reader in readers:
-                reader.replace_input_with(0, back.outputs[0])
                 reader.metadata_props[R4_METADATA_KEY] = orders[k]
                 transform_initializer(constant_weight(reader), lambda w, l=left, r=right: kronecker_rows(w, l, r), blocks_along=1)
         model.metadata_props[R4_METADATA_KEY] = json.dumps({"down_proj": len(self.activations), "factors": orders})
