@@ -16,7 +16,7 @@ from onnxquant.genai_folder import copy_sidecar_files, model_bytes, open_genai_f
 from onnxquant.memory import peak_rss_mb
 from onnxquant.pipeline import QuantizeSettings, RotationSettings, quantize_model
 from onnxquant.schemes import ALGORITHMS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
-from onnxquant.spec import BLOCK_SIZES
+from onnxquant.spec import BLOCK_SIZES, E8M0_ROUNDINGS
 from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
 from onnxquant.verification import (DEFAULT_COLLAPSE_RATIO, CollapsedModelError, RunVerifier, collapse_message,
                                     held_out_windows)
@@ -37,6 +37,9 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
         help="weight rounding (default rtn); gptq for every scheme, awq for the weight-only ones")
     add("--accuracy_level", type=int, default=0, help="MatMulNBits accuracy_level: 0, 1, 2 or 4 (int8 compute)")
     add("--clip_search", action="store_true", help="RTN: per-block clip ratio minimizing the block's error")
+    add("--mx_scale_rounding", choices=E8M0_ROUNDINGS, default=None,
+        help="MX schemes: E8M0 block scales by OCP's floor rule (default; a block's largest values may saturate) "
+             "or rceil (the smallest power of two that does not saturate)")
     add("--int8_nodes", action="append", default=[], help="blocked weight schemes: keep nodes matching this at 8 bits (repeatable), e.g. lm_head")
     add("--num_calib_data", type=int, default=64, help="number of calibration samples")
     add("--seq_len", type=int, default=512, help="tokens per calibration sample")
@@ -101,6 +104,11 @@ def settings_from_args(args) -> QuantizeSettings:
         fail(f"--block_size {args.block_size} is not a power of two in 16..256; use one of {', '.join(map(str, BLOCK_SIZES))}")
     if args.accuracy_level not in (0, 1, 2, 4):
         fail(f"--accuracy_level {args.accuracy_level} is not 0, 1, 2 or 4")
+    if args.mx_scale_rounding is not None:
+        if scheme.weights.scale_dtype != "e8m0":
+            mx_schemes = ", ".join(name for name, s in SCHEMES.items() if s.weights.scale_dtype == "e8m0")
+            fail(f"--mx_scale_rounding applies to the MX schemes ({mx_schemes}), not {scheme.name}")
+        scheme = scheme.with_scale_rounding(args.mx_scale_rounding)
     block_size = args.block_size or scheme.weights.block_size
     scheme = scheme.with_block_size(block_size) if blocked else scheme
     overrides = [NodeOverride(p, uint8_blocks(block_size)) for p in args.int8_nodes] + [NodeOverride(p) for p in args.exclude]

@@ -97,6 +97,17 @@ class QuantScheme:
         return dataclasses.replace(self, weights=dataclasses.replace(self.weights, block_size=block_size), embedding=embedding,
                                    activations=activations)
 
+    def with_scale_rounding(self, rounding: str) -> "QuantScheme":
+        """The same scheme with E8M0 (MX) block scales chosen by `rounding` (spec.E8M0_ROUNDINGS),
+        for weights, embedding and activations alike."""
+        def rounded(spec: QuantSpec | None) -> QuantSpec | None:
+            if spec is None or spec.scale_dtype != "e8m0":
+                return spec
+            return dataclasses.replace(spec, scale_rounding=rounding)
+
+        return dataclasses.replace(self, weights=rounded(self.weights), activations=rounded(self.activations),
+                                   embedding=rounded(self.embedding))
+
     def with_calibration(self, **changes) -> "QuantScheme":
         return dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, **changes))
 

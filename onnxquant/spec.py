@@ -11,7 +11,8 @@ along K, one scale per block and column).
 Block scales of the microscaling formats (`scale_dtype`): "e8m0" is OCP MX's shared power of two,
 2^(floor(log2(max|block|)) - emax) with emax the element's largest exponent (8 for E4M3, 2 for E2M1),
 so the block's largest value may saturate (as the OCP spec defines it; the FP-quantization harness
-divides its MXFP4 scale by 0.75 instead, trading that for a coarser grid); "e4m3" is NVFP4's FP8
+divides its MXFP4 scale by 0.75 instead, trading that for a coarser grid), or with
+`scale_rounding="rceil"` the next power of two up where the OCP one would saturate; "e4m3" is NVFP4's FP8
 block scale max|block| / 6 stored in E4M3, times one float32 scale per tensor
 (max|W| / (448 * 6)) that keeps the FP8 scales in range.
 """
@@ -57,6 +58,11 @@ ELEMENT_TYPES: dict[str, ElementType] = {t.name: t for t in (
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_block")
 SCALE_DTYPES = ("float32", "e8m0", "e4m3")
+# E8M0 exponent rules: "floor" is OCP MX's 2^(floor(log2 amax) - emax), which may saturate a block's
+# largest values (amax / scale lands in [2^emax, 2^(emax+1)), above qmax for the top of that range);
+# "rceil" is the smallest power of two with amax / scale <= qmax (NVIDIA's MXFP8 rule, torchao's RCEIL),
+# which never saturates.
+E8M0_ROUNDINGS = ("floor", "rceil")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -77,6 +83,7 @@ class QuantSpec:
     # "e4m3" block scales only: the float32 per-tensor scale (0: taken from the weight being rounded;
     # GPTQ fixes it from the whole weight before rounding column chunks).
     tensor_scale: float = 0.0
+    scale_rounding: str = "floor"  # "e8m0" scales only: one of E8M0_ROUNDINGS
 
     def __post_init__(self) -> None:
         if self.dtype not in ELEMENT_TYPES:
@@ -95,6 +102,10 @@ class QuantSpec:
             raise ValueError(f"{self.dtype} grids are symmetric")
         if self.scale_dtype != "float32" and (self.granularity != "per_block" or not self.element.is_float):
             raise ValueError(f"{self.scale_dtype} scales are for blocked float (microscaling) formats")
+        if self.scale_rounding not in E8M0_ROUNDINGS:
+            raise ValueError(f"unknown E8M0 scale rounding {self.scale_rounding!r}; known: {', '.join(E8M0_ROUNDINGS)}")
+        if self.scale_rounding != "floor" and self.scale_dtype != "e8m0":
+            raise ValueError("scale rounding applies to E8M0 (MX) scales only")
 
     @property
     def element(self) -> ElementType:
@@ -294,7 +305,10 @@ def float_block_scale(bound: np.ndarray, spec: QuantSpec) -> np.ndarray:
     tiny = np.finfo(np.float32).tiny
     bound = np.maximum(np.asarray(bound, np.float64), tiny)
     if spec.scale_dtype == "e8m0":
-        return np.exp2(np.floor(np.log2(bound)) - spec.element.max_exponent).astype(np.float32)
+        scale = np.exp2(np.floor(np.log2(bound)) - spec.element.max_exponent)
+        if spec.scale_rounding == "rceil":
+            scale = np.where(bound > scale * spec.qmax, 2 * scale, scale)
+        return scale.astype(np.float32)
     if spec.scale_dtype == "e4m3":
         fp8 = np.clip(bound / spec.qmax / spec.tensor_scale, 2.0 ** -9, 448.0).astype(ml_dtypes.float8_e4m3fn)
         return fp8.astype(np.float32)

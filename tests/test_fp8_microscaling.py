@@ -1,5 +1,7 @@
 """FP8 E4M3 QDQ and the microscaling formats (MXFP8, MXFP4, NVFP4): grids, the two written forms, end to end."""
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -88,13 +90,19 @@ def test_block_size_that_does_not_divide_k_names_the_node(tiny_models, tmp_path)
     assert not (tmp_path / "q").exists()
 
 
-@pytest.mark.parametrize("spec", [mxfp8_blocks(), mxfp4_blocks(), nvfp4_blocks()], ids=["mxfp8", "mxfp4", "nvfp4"])
+RCEIL = {"scale_rounding": "rceil"}
+
+
+@pytest.mark.parametrize("spec", [mxfp8_blocks(), mxfp4_blocks(), nvfp4_blocks(), dataclasses.replace(mxfp8_blocks(), **RCEIL),
+                                  dataclasses.replace(mxfp4_blocks(), **RCEIL)],
+                         ids=["mxfp8", "mxfp4", "nvfp4", "mxfp8-rceil", "mxfp4-rceil"])
 def test_run_time_activation_blocks_equal_offline_rounding(spec):
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((5, 64)) * np.exp(2 * rng.standard_normal((5, 1)))).astype(np.float32)
     x[0, :32] = 0.0  # an all-zero block
     x[1, 3] = 2.0 ** 5  # exact powers of two, where log2 rounding would matter
     x[2, 40] = -(2.0 ** -3)
+    x[3, 7] = 500.0 * 2.0 ** -6  # a block whose OCP scale saturates its largest value
     model = _matmul_model(np.eye(64, dtype=np.float32))
     model.graph.inputs[0].shape = model.graph.outputs[0].shape = ir.Shape([5, 64])
     matmul = next(iter(model.graph))
@@ -104,3 +112,13 @@ def test_run_time_activation_blocks_equal_offline_rounding(spec):
     expected = round_to_nearest(x.T, spec).dequantize().T
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], expected)
     assert not np.array_equal(expected, x)
+
+
+@pytest.mark.parametrize("blocks", [mxfp8_blocks, mxfp4_blocks], ids=["mxfp8", "mxfp4"])
+def test_rceil_scales_never_saturate_and_floor_ones_do(blocks):
+    amax = np.exp2(np.linspace(-4.0, 4.0, 4001))
+    floor_spec, rceil_spec = blocks(), dataclasses.replace(blocks(), **RCEIL)
+    floor, rceil = float_block_scale(amax, floor_spec), float_block_scale(amax, rceil_spec)
+    assert np.all(amax / rceil <= rceil_spec.qmax)
+    assert np.any(amax / floor > floor_spec.qmax)
+    assert np.all((rceil == floor) | (rceil == 2 * floor))

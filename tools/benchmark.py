@@ -112,6 +112,8 @@ RECIPES = {r.name: r for r in (
            _q("INT8_PER_CHANNEL", R1, SQ, "--algo", "gptq", "--hadamard_group_size", "64", "--exclude", "lm_head")),
     Recipe("mxfp8_gptq_h32", "MXFP8 weights (GPTQ) and activations, Hadamard groups of 32",
            ("--config", "MXFP8", "--algo", "gptq", "--hadamard_group_size", "32")),
+    Recipe("mxfp8_gptq_h32_rceil", "MXFP8 weights (GPTQ) and activations, Hadamard groups of 32, non-saturating (rceil) E8M0 scales",
+           ("--config", "MXFP8", "--algo", "gptq", "--hadamard_group_size", "32", "--mx_scale_rounding", "rceil")),
     Recipe("fp8_h64", "FP8_E4M3 + Hadamard groups of 64", _q("FP8_E4M3", "--hadamard_group_size", "64")),
     Recipe("fp8_gptq", "FP8_E4M3 + GPTQ weights", _q("FP8_E4M3", "--algo", "gptq")),
     Recipe("int8_pc", "INT8_PER_CHANNEL (per-output-channel weights), moving average", _q("INT8_PER_CHANNEL")),

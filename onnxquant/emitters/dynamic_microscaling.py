@@ -6,6 +6,7 @@ runs, so there is nothing to calibrate. The subgraph uses only ops ONNX Runtime'
 
     blocks = Reshape(X, [-1, B]);  amax = ReduceMax(|blocks|, last axis)
     MX:    scale = 2^(floor(log2 amax) - emax)        (OCP E8M0, exact: log2 corrected by Pow)
+           rceil: times 2 where amax / scale > qmax  (the smallest power of two that does not saturate)
     NVFP4: g = max|X| / (448 * 6);  scale = E4M3(amax / 6 / g) * g
     codes = round(blocks / scale) on the element grid (E4M3: Cast to float8e4m3fn and back, saturating;
             E2M1: |y| clipped to 6, rounded half-to-even on steps of 0.5 / 1 / 2 below 2 / 4 / 6)
@@ -53,6 +54,10 @@ def emit_activation_microscaling(graph: ir.Graph, readers: list[ir.Node], name: 
     tensor_scale = None
     if spec.scale_dtype == "e8m0":
         scale = block = _power_of_two_scale(s, amax, spec.element.max_exponent)
+        if spec.scale_rounding == "rceil":  # the next power of two where the OCP one would saturate amax
+            over = s.op("Greater", [amax, s.op("Mul", [scale, s.const("qmax", np.float32(spec.qmax))], "ScaledMax")], "Saturates")
+            doubling = s.op("Add", [s.op("Cast", [over], "SaturatesFloat", to=ir.DataType.FLOAT), s.const("one_scale", np.float32(1.0))], "Doubling")
+            scale = block = s.op("Mul", [scale, doubling], "ScaleNoSaturation")
     else:  # NVFP4: E4M3 block scales under a per-tensor float32 scale, both from this run's values
         peak = s.op("ReduceMax", [amax], "TensorMax", keepdims=0)
         tensor_scale = s.op("Div", [peak, s.const("fp8_fp4_max", np.float32(448.0 * spec.qmax))], "TensorScale")
