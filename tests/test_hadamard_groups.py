@@ -10,11 +10,11 @@ from onnxquant.algorithms.rtn import clip_search
 from onnxquant.data import tokenize
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.passes.hadamard_groups import group_rotation
-from onnxquant.patterns import HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY
+from onnxquant.patterns import GROUPS_IN_R1_KEY, HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY, ROTATION_METADATA_KEY
 from onnxquant.spec import QuantSpec, round_to_nearest
 from onnxquant.validate import eval_windows, evaluate_perplexity
 
-from conftest import assert_user_error, float_pass_run, prefill_logits, relative_logit_error, run_module
+from conftest import assert_float_pass_exact, assert_user_error, float_pass_run, prefill_logits, relative_logit_error, run_module
 
 
 @pytest.mark.parametrize("name,group", [("tiny-llama-96", 32), ("tiny-qwen2-96", 16)])
@@ -28,6 +28,20 @@ def test_hadamard_groups_keep_float_logits(tiny_models, tmp_path, calib_text_pat
     applied = json.loads(next(p.value for p in metadata if p.key == HADAMARD_GROUPS_METADATA_KEY))
     # Groups within a head (head size 16) fold into v (R2); the rest run online.
     assert applied["folded_into_v"] == (2 if group == 16 else 0)
+
+
+def test_groups_on_the_residual_stream_go_into_r1(tiny_models, tmp_path, calib_text_path, test_text):
+    source = tiny_models.onnx("tiny-llama-96")
+    assert_float_pass_exact(source, tmp_path / "r", calib_text_path, test_text, "--include_rotation", "--include_sq",
+                            "--hadamard_group_size", "32")
+    model = onnx.load(tmp_path / "r" / "model.onnx", load_external_data=False)
+    metadata = {p.key: json.loads(p.value) for p in model.metadata_props
+                if p.key in (HADAMARD_GROUPS_METADATA_KEY, ROTATION_METADATA_KEY)}
+    assert metadata[ROTATION_METADATA_KEY]["hadamard_groups"] == 32
+    # Online groups remain only on the o_proj and down_proj inputs (2 layers); the residual readers have R1's.
+    assert metadata[HADAMARD_GROUPS_METADATA_KEY]["online"] == 2 * 2
+    in_r1 = [n.name for n in model.graph.node if any(p.key == GROUPS_IN_R1_KEY for p in n.metadata_props)]
+    assert len(in_r1) == 2 * 3 + 1  # fused qkv_proj, gate_proj, up_proj per layer; lm_head
 
 
 def test_group_rotation_is_orthonormal():

@@ -8,7 +8,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant.graph_utils import initializer_array, transform_initializer
-from onnxquant.patterns import (ROTATION_METADATA_KEY, ResolvedPair, constant_weight, is_const_matmul, is_embedding_gather,
+from onnxquant.passes.hadamard_groups import group_rotation
+from onnxquant.patterns import (GROUPS_IN_R1_KEY, ROTATION_METADATA_KEY, ResolvedPair, constant_weight, is_const_matmul, is_embedding_gather,
                                 matmul_bias, norm_weight)
 
 
@@ -21,11 +22,19 @@ class RotateR1Pass(ir.passes.InPlacePass):
     FoldNormIntoReadersPass): RMSNorm(h Q) = RMSNorm(h) Q because Q keeps the norm of each row.
     The float model computes the same function. Math runs in float64; weights keep their dtype.
     A metadata entry marks the model as rotated.
+
+    With `group_size` g, Q <- Q·B for B = diag(H, …, H), H the normalized g x g Hadamard: every
+    reader then sees its input in Hadamard groups of g at no run-time cost, and carries
+    GROUPS_IN_R1_KEY = g so that the Hadamard-groups stage does not add groups online again.
     """
 
-    def __init__(self, pairs: list[ResolvedPair], rotation: np.ndarray, description: dict):
+    def __init__(self, pairs: list[ResolvedPair], rotation: np.ndarray, description: dict, group_size: int | None = None):
         super().__init__()
         self.pairs = pairs
+        self.group_size = group_size
+        if group_size is not None:
+            rotation = rotation @ np.kron(np.eye(rotation.shape[0] // group_size), group_rotation(group_size))
+            description = {**description, "hadamard_groups": group_size}
         self.q = rotation
         self.description = description
 
@@ -70,6 +79,8 @@ class RotateR1Pass(ir.passes.InPlacePass):
                     continue
                 weight = constant_weight(reader)
                 transform_initializer(weight, lambda w: q.T @ w.astype(np.float64), blocks_along=1)
+                if self.group_size is not None:
+                    reader.metadata_props[GROUPS_IN_R1_KEY] = str(self.group_size)
                 readers_done.add(reader.name)
         model.metadata_props[ROTATION_METADATA_KEY] = json.dumps(self.description)
         return ir.passes.PassResult(model, modified=True)
