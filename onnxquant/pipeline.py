@@ -29,14 +29,14 @@ from onnxquant.algorithms.awq import awq_scales
 from onnxquant.algorithms.gptq import GPTQSettings, gptq_round
 from onnxquant.algorithms.rtn import clip_search
 from onnxquant.algorithms.sensitivity import matmul_sensitivity
-from onnxquant.algorithms.smooth_quant import target_scales
+from onnxquant.algorithms.smooth_quant import SEARCH_ALPHAS, choose_alpha, smoothed_error, target_scales
 from onnxquant.calibration import (ChannelAbsMaxObserver, ChannelExtremaRecorder, ChannelMeanAbsObserver,
                                    HessianObserver, Observation, make_range_observer, run_calibration,
                                    token_sample_reader)
 from onnxquant.emitters import nearest_rounder
 from onnxquant.errors import UserError, fail
 from onnxquant.genai_folder import GenAIFolder, standard_model_name
-from onnxquant.graph_utils import read_initializer, release_tensor
+from onnxquant.graph_utils import initializer_array, read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
 from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, HadamardGroupsPass,
                               QuantizeGraphPass, RotateR1Pass, UntieEmbeddingsPass)
@@ -67,6 +67,7 @@ class QuantizeSettings:
     hadamard_group_size: int | None = None  # None: no Hadamard groups
     r4: bool = False  # QuaRot's online Hadamard on down_proj inputs
     exclude_most_sensitive: int = 0  # MatMuls kept in float, the highest by algorithms.sensitivity
+    sq_alpha_search: bool = False  # each activation's alpha from SEARCH_ALPHAS by modelled output error
 
     @property
     def needs_calibration(self) -> bool:
@@ -85,6 +86,7 @@ class QuantizeReport:
     smoothed: int = 0
     inserted_muls: list[tuple[str, str]] = field(default_factory=list)
     awq_alphas: list[float] = field(default_factory=list)
+    sq_alphas: list[float] = field(default_factory=list)  # --sq_alpha auto: the chosen alpha of each activation
     kept_float: list[str] = field(default_factory=list)  # --exclude_most_sensitive, most sensitive first
     calibration_seconds: float = 0.0
     calibration_passes: int = 0
@@ -102,7 +104,10 @@ class QuantizeReport:
         if settings.hadamard_group_size is not None:
             extras += f" hadamard_groups={settings.hadamard_group_size}"
         if settings.sq_alpha is not None:
-            extras += f" smoothed={self.smoothed} sq_alpha={settings.sq_alpha} sq_inserted_muls={len(self.inserted_muls)}"
+            alpha = settings.sq_alpha
+            if self.sq_alphas:
+                alpha = f"auto(min={min(self.sq_alphas)},mean={np.mean(self.sq_alphas):.2f},max={max(self.sq_alphas)})"
+            extras += f" smoothed={self.smoothed} sq_alpha={alpha} sq_inserted_muls={len(self.inserted_muls)}"
         if self.kept_float:
             extras += f" kept_float={len(self.kept_float)}"
         if self.calibration_passes and (settings.sq_alpha is not None or scheme.algo != "rtn"):
@@ -190,8 +195,9 @@ def _prepare_smoothing(ctx: StageContext) -> list[Observation]:
                 and all(target.kind != "mul" for target in targets)
                 and 8 * channels * len(ctx.samples) <= ONE_PASS_BUDGET_BYTES)
     observers = {target.activation: ChannelExtremaRecorder() if one_pass else ChannelAbsMaxObserver() for target in targets}
-    ctx.state.update(targets=targets, observers=observers, one_pass=one_pass)
-    return list(observers.items())
+    hessians = {target.activation: HessianObserver() for target in targets} if settings.sq_alpha_search else {}
+    ctx.state.update(targets=targets, observers=observers, one_pass=one_pass, hessians=hessians)
+    return list(observers.items()) + list(hessians.items())
 
 
 def _weight_row_absmax(graph: ir.Graph, readers: tuple[str, ...]) -> np.ndarray:
@@ -200,11 +206,35 @@ def _weight_row_absmax(graph: ir.Graph, readers: tuple[str, ...]) -> np.ndarray:
                   axis=0)
 
 
+def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> np.ndarray:
+    """The smoothing scales of the SEARCH_ALPHAS candidate with the least modelled output error."""
+    scheme, by_name = ctx.settings.scheme, nodes_by_name(ctx.model.graph)
+    observer, hessian = ctx.state["observers"][target.activation], ctx.state["hessians"].pop(target.activation)
+    weights = [initializer_array(constant_weight(by_name[name])) for name in target.readers]
+    errors, candidates = {}, {}
+    for alpha in SEARCH_ALPHAS:
+        scales = target_scales(target, observer.absmax, weight_absmax, alpha)
+        if ctx.state["one_pass"]:
+            value_range = observer.replay(make_range_observer(scheme.calibration, scheme.activations), scales).range()
+        else:
+            bound = float((observer.absmax / scales).max())
+            value_range = (-bound, bound)
+        errors[alpha] = smoothed_error(scales, weights, hessian.sum, hessian.tokens, scheme.weights_for(target.readers[0]),
+                                       scheme.activations, value_range)
+        candidates[alpha] = scales
+    alpha = choose_alpha(errors)
+    ctx.report.sq_alphas.append(alpha)
+    return candidates[alpha]
+
+
 def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
     targets, observers = ctx.state["targets"], ctx.state["observers"]
     alpha = ctx.settings.sq_alpha
-    scales = {t.activation: target_scales(t, observers[t.activation].absmax, _weight_row_absmax(ctx.model.graph, t.readers), alpha)
-              for t in targets}
+    scales = {}
+    for t in tqdm(targets, desc="SmoothQuant alpha search", unit="activation", disable=not ctx.settings.sq_alpha_search):
+        weight_absmax = _weight_row_absmax(ctx.model.graph, t.readers)
+        scales[t.activation] = (_searched_scales(ctx, t, weight_absmax) if ctx.settings.sq_alpha_search
+                                else target_scales(t, observers[t.activation].absmax, weight_absmax, alpha))
     ctx.report.smoothed = len(targets)
     if ctx.state["one_pass"]:
         calibration = ctx.settings.scheme.calibration

@@ -63,7 +63,9 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--include_r4", action="store_true",
         help="QuaRot R4: a full online Hadamard (in Kronecker-factored form) on every down_proj input, folded into its weight")
     add("--include_sq", action="store_true", help="apply SmoothQuant, folded into the graph")
-    add("--sq_alpha", type=float, default=None, help="SmoothQuant migration strength in (0, 1) (default: the scheme's)")
+    add("--sq_alpha", default=None,
+        help="SmoothQuant migration strength in (0, 1) (default: the scheme's), or auto: each activation's alpha "
+             "from 0.3..0.8 by the modelled output error of its readers (weight and activation grids, calibration Hessian)")
     add("--skip_quantization", action="store_true", help="run only the graph passes; write a float model")
     add("--overwrite", action="store_true", help="replace a non-empty output folder")
     add("--verify", action="store_true", help="also check that each float stage (rotation, smoothing, Hadamard groups) left the logits exact")
@@ -84,6 +86,16 @@ def parse_calib_method(value: str) -> dict:
     if not 50.0 < percentile <= 100.0:
         fail(f"--calib_method {value!r} is not minmax, mse or percentile+<p> with p in (50, 100], e.g. percentile+99.999")
     return {"method": "percentile", "percentile": percentile}
+
+
+def parse_alpha(value: str) -> float:
+    try:
+        alpha = float(value)
+    except ValueError:
+        alpha = float("nan")
+    if not 0.0 < alpha < 1.0:
+        fail(f"--sq_alpha must be between 0 and 1 (exclusive) or auto, got {value}")
+    return alpha
 
 
 def settings_from_args(args) -> QuantizeSettings:
@@ -116,17 +128,18 @@ def settings_from_args(args) -> QuantizeSettings:
                                  accuracy_level=args.accuracy_level, clip_search=args.clip_search)
     rotation = RotationSettings(Path(args.r_config_path) if args.r_config_path else None, args.hidden_size,
                                 args.use_random_had, args.seed) if args.include_rotation else None
-    sq_alpha = None
+    sq_alpha, sq_alpha_search = None, args.sq_alpha == "auto"
+    if args.sq_alpha is not None and not args.include_sq:
+        fail("--sq_alpha applies to SmoothQuant; add --include_sq or drop --sq_alpha")
     if args.include_sq:
-        sq_alpha = scheme.sq_alpha if args.sq_alpha is None else args.sq_alpha
-        if not 0.0 < sq_alpha < 1.0:
-            fail(f"--sq_alpha must be between 0 and 1 (exclusive), got {sq_alpha}")
+        sq_alpha = scheme.sq_alpha if args.sq_alpha is None or sq_alpha_search else parse_alpha(args.sq_alpha)
     group = args.hadamard_group_size
     if group is not None and group not in HADAMARD_GROUP_SIZES:
         fail(f"--hadamard_group_size {group} is not one of {', '.join(map(str, HADAMARD_GROUP_SIZES))}")
     if args.exclude_most_sensitive < 0:
         fail(f"--exclude_most_sensitive {args.exclude_most_sensitive} is negative; pass a count of MatMuls (0: none)")
-    return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, hadamard_group_size=group,
+    return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, sq_alpha_search=sq_alpha_search,
+                            hadamard_group_size=group,
                             r4=args.include_r4, exclude_most_sensitive=args.exclude_most_sensitive)
 
 

@@ -1,11 +1,15 @@
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 
+from onnxquant.algorithms.smooth_quant import choose_alpha, smoothed_error, smoothing_scales
 from onnxquant.data import tokenize
-from onnxquant.algorithms.smooth_quant import smoothing_scales
+from onnxquant.schemes import get_scheme
+from onnxquant.spec import dequantize_array, quant_params, quantize_array, round_to_nearest
 
-from conftest import assert_user_error, float_pass_run, prefill_logits, relative_logit_error
+from conftest import assert_float_pass_exact, assert_user_error, float_pass_run, prefill_logits, relative_logit_error
 
 
 def test_smoothing_scale_formula():
@@ -89,3 +93,40 @@ def test_one_pass_smoothquant_ranges_equal_a_second_calibration(tiny_models, tmp
     assert len(one) >= 5 and one.keys() == two.keys()
     for name in one:
         assert one[name] == pytest.approx(two[name], rel=1e-4), name
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
+def test_alpha_search_models_the_measured_output_error(alpha):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 64)).astype(np.float32)
+    x[:, 0] *= 30.0  # an outlier channel, what SmoothQuant migrates
+    weight = rng.standard_normal((64, 96)).astype(np.float32)
+    scheme = get_scheme("INT8_TRANSFORMER_DEFAULT")
+    scales = smoothing_scales(np.abs(x).max(axis=0), np.abs(weight).max(axis=1), alpha)
+    smoothed_x, smoothed_w = (x / scales).astype(np.float32), (weight * scales[:, None]).astype(np.float32)
+    value_range = (float(smoothed_x.min()), float(smoothed_x.max()))
+    scale, zero = quant_params(*value_range, scheme.activations)
+    x_q = dequantize_array(quantize_array(smoothed_x, scale, zero, scheme.activations), scale, zero)
+    w_q = round_to_nearest(smoothed_w, dataclasses.replace(scheme.weights, pair_safe=False)).dequantize()
+    measured = float(((x_q @ w_q - x @ weight) ** 2).sum())
+    modelled = smoothed_error(scales, [weight], x.T @ x, len(x), scheme.weights, scheme.activations, value_range)
+    assert modelled == pytest.approx(measured, rel=0.15)
+
+
+def test_alpha_search_picks_the_least_modelled_error_nearest_the_default_on_ties():
+    assert choose_alpha({0.3: 2.0, 0.5: 1.0, 0.7: 1.5}) == 0.5
+    assert choose_alpha({0.4: 1.0, 0.6: 1.0, 0.8: 3.0}) in (0.4, 0.6)
+    assert choose_alpha({0.3: 1.0, 0.5: 1.0}) == 0.5
+
+
+def test_auto_alpha_keeps_the_float_model_and_reports_its_choices(tiny_models, tmp_path, calib_text_path, test_text):
+    result = assert_float_pass_exact(tiny_models.onnx("tiny-llama-96"), tmp_path / "auto", calib_text_path, test_text,
+                                     "--include_sq", "--sq_alpha", "auto")
+    summary = result.stdout.strip().splitlines()[-1]
+    assert "sq_alpha=auto(min=" in summary and "smoothed=" in summary
+
+
+def test_alpha_without_smoothquant_is_refused(tiny_models, tmp_path, calib_text_path):
+    result = float_pass_run(tiny_models.onnx("tiny-llama-96"), tmp_path / "o", calib_text_path, "--sq_alpha", "auto")
+    assert_user_error(result, "--sq_alpha applies to SmoothQuant; add --include_sq")
+    assert not (tmp_path / "o").exists()

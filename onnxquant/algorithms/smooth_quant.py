@@ -1,10 +1,14 @@
-"""SmoothQuant's per-channel migration scales."""
+"""SmoothQuant's per-channel migration scales, and the per-activation choice of their strength alpha."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
+from onnxquant.algorithms.sensitivity import activation_noise_energy
 from onnxquant.scale_folding import FoldTarget
+from onnxquant.spec import QuantSpec, round_to_nearest
 
 
 def smoothing_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -21,3 +25,32 @@ def target_scales(target: FoldTarget, act_absmax: np.ndarray, weight_row_absmax:
     """Scales of one target: statistics shared within kv groups first, so every head of a group
     gets the same s (their max statistics)."""
     return smoothing_scales(target.shared(act_absmax), target.shared(weight_row_absmax), alpha)
+
+
+# Candidates of the per-activation search (`--sq_alpha auto`): the range SmoothQuant's paper and the
+# global sweeps in the README found useful.
+SEARCH_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def smoothed_error(scales: np.ndarray, weights: list[np.ndarray], hessian: np.ndarray, tokens: int,
+                   weight_spec: QuantSpec, activation_spec: QuantSpec | None, value_range: tuple[float, float]) -> float:
+    """Modelled output error of X·W after smoothing by `scales` (X <- X / s, W <- s W), summed over the
+    readers' weights: the weight grid's rounding error tr(dWᵀ H' dW) plus the activation grid's noise
+    through W (algorithms.sensitivity), with H' = H / (s sᵀ) the smoothed input's Hessian and
+    `value_range` the smoothed input's calibrated range. The clean output does not depend on s."""
+    s = scales.astype(np.float64)
+    h = (hessian / np.outer(s, s)).astype(np.float32)
+    # The model ranks alphas; the pair-safe search would only slow it (it moves every alpha alike).
+    weight_spec = dataclasses.replace(weight_spec, pair_safe=False)
+    error = 0.0
+    for weight in weights:
+        smoothed = (weight.astype(np.float64) * s[:, None]).astype(np.float32)
+        delta = round_to_nearest(smoothed, weight_spec).dequantize() - smoothed
+        error += float(np.einsum("kn,kn->", delta, h @ delta, dtype=np.float64))
+        error += activation_noise_energy(smoothed, h, tokens, activation_spec, value_range)
+    return error
+
+
+def choose_alpha(errors: dict[float, float]) -> float:
+    """The candidate with the smallest modelled error (ties: the one nearest 0.5, SmoothQuant's default)."""
+    return min(errors, key=lambda alpha: (errors[alpha], abs(alpha - 0.5)))
