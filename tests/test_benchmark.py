@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -58,3 +59,14 @@ def test_child_peak_rss_does_not_include_the_parents(tmp_path):
     _, peak_mb, stdout = run_child([str(script)], tmp_path / "child.log")
     assert stdout.strip() == "45"
     assert peak_mb < 200 < ballast.nbytes / 2**20
+
+
+def test_decode_profile_lists_op_types_by_time(tiny_models, tmp_path):
+    result = subprocess.run([sys.executable, str(TOOLS / "profile_decode.py"), str(tiny_models.onnx("tiny-llama-96")),
+                             "--steps", "3", "--past", "16"], capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = re.findall(r"^\| (\w+) \| ([0-9.]+) \| (\d+) \|$", result.stdout, re.MULTILINE)
+    assert ("MatMul" in {op for op, _, _ in rows}) and re.search(r"wall [0-9.]+ ms/step", result.stdout)
+    times = [float(ms) for _, ms, _ in rows]
+    assert times == sorted(times, reverse=True)
+    assert not list(tmp_path.glob("decode_profile*"))  # the trace is removed

@@ -122,3 +122,10 @@ def test_rceil_scales_never_saturate_and_floor_ones_do(blocks):
     assert np.all(amax / rceil <= rceil_spec.qmax)
     assert np.any(amax / floor > floor_spec.qmax)
     assert np.all((rceil == floor) | (rceil == 2 * floor))
+
+
+def test_mx_scale_rounding_needs_an_mx_scheme(tiny_models, tmp_path):
+    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+                        "--output_model_path", str(tmp_path / "q"), "--config", "INT8_PER_CHANNEL", "--mx_scale_rounding", "rceil")
+    assert_user_error(result, "--mx_scale_rounding applies to the MX schemes", "not INT8_PER_CHANNEL")
+    assert not (tmp_path / "q").exists()

@@ -90,3 +90,10 @@ def test_unknown_group_size_is_refused(tiny_models, tmp_path):
                         "--output_model_path", str(tmp_path / "q"), "--hadamard_group_size", "48")
     assert_user_error(result, "--hadamard_group_size 48 is not one of 16, 32, 64, 128")
     assert not (tmp_path / "q").exists()
+
+
+def test_group_size_that_does_not_divide_the_hidden_size_with_r1(tiny_models, tmp_path):
+    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+                        "--output_model_path", str(tmp_path / "q"), "--include_rotation", "--hadamard_group_size", "64")
+    assert_user_error(result, "--hadamard_group_size 64 does not divide the hidden size 96 that R1 rotates")
+    assert not (tmp_path / "q").exists()
