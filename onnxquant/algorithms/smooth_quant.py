@@ -8,7 +8,7 @@ import numpy as np
 
 from onnxquant.algorithms.sensitivity import activation_noise_energy
 from onnxquant.scale_folding import FoldTarget
-from onnxquant.spec import QuantSpec, round_to_nearest
+from onnxquant.spec import QuantSpec, column_chunks, round_to_nearest
 
 
 def smoothing_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -30,6 +30,7 @@ def target_scales(target: FoldTarget, act_absmax: np.ndarray, weight_row_absmax:
 # Candidates of the per-activation search (`--sq_alpha auto`): the range SmoothQuant's paper and the
 # global sweeps in the README found useful.
 SEARCH_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+COLUMNS_PER_CHUNK = 4096
 
 
 def smoothed_error(scales: np.ndarray, weights: list[np.ndarray], hessian: np.ndarray, tokens: int,
@@ -44,10 +45,13 @@ def smoothed_error(scales: np.ndarray, weights: list[np.ndarray], hessian: np.nd
     weight_spec = dataclasses.replace(weight_spec, pair_safe=False)
     error = 0.0
     for weight in weights:
-        smoothed = (weight.astype(np.float64) * s[:, None]).astype(np.float32)
-        delta = round_to_nearest(smoothed, weight_spec).dequantize() - smoothed
-        error += float(np.einsum("kn,kn->", delta, h @ delta, dtype=np.float64))
-        error += activation_noise_energy(smoothed, h, tokens, activation_spec, value_range)
+        # Column chunks bound the temporaries (lm_head has 49152 columns); a per-tensor grid needs them all.
+        width = weight.shape[1] if weight_spec.granularity == "per_tensor" else COLUMNS_PER_CHUNK
+        for cols in column_chunks(weight.shape[1], width):
+            smoothed = (weight[:, cols].astype(np.float64) * s[:, None]).astype(np.float32)
+            delta = round_to_nearest(smoothed, weight_spec).dequantize() - smoothed
+            error += float(np.einsum("kn,kn->", delta, h @ delta, dtype=np.float64))
+            error += activation_noise_energy(smoothed, h, tokens, activation_spec, value_range)
     return error
 
 
