@@ -267,6 +267,35 @@ class ChannelMeanAbsObserver(Observer):
         return self.total / max(self.samples, 1)
 
 
+class ChannelSquareSumObserver(Observer):
+    """sum over tokens of x_k² per channel: the diagonal of HessianObserver's H, in K numbers instead
+    of K² (SmoothQuant's alpha search; Qwen2.5-1.5B's down_proj input alone has K = 8960)."""
+
+    summed = ("x2",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = 0
+
+    def reductions(self, graph, value, tag):
+        width = value.shape[-1] if value.shape is not None and isinstance(value.shape[-1], int) else -1
+        rows = _node(graph, "Reshape", [value, _constant(graph, f"{tag}/shape", np.array([-1, width], dtype=np.int64))],
+                     f"{tag}/rows")
+        count = _node(graph, "Shape", [rows], f"{tag}/count", start=0, end=1)
+        squares = _node(graph, "Mul", [rows, rows], f"{tag}/squares")
+        x2 = _node(graph, "ReduceSum", [squares, _constant(graph, f"{tag}/rows_axis", np.array([0], dtype=np.int64))],
+                   f"{tag}/x2", keepdims=0)
+        x2.shape = ir.Shape([width]) if width > 0 else None
+        return {"x2": x2, "count": count}
+
+    def update(self, stats) -> None:
+        self.tokens += int(np.asarray(stats["count"]).reshape(-1)[0])
+
+    @property
+    def sum(self) -> np.ndarray | None:
+        return self.sums.get("x2")
+
+
 class HessianObserver(Observer):
     """H = sum over tokens of x xᵀ (GPTQ's Hessian up to a factor; AWQ's output-error metric).
 

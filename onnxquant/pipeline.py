@@ -30,7 +30,7 @@ from onnxquant.algorithms.gptq import GPTQSettings, gptq_round
 from onnxquant.algorithms.rtn import clip_search
 from onnxquant.algorithms.sensitivity import matmul_sensitivity
 from onnxquant.algorithms.smooth_quant import SEARCH_ALPHAS, choose_alpha, smoothed_error, target_scales
-from onnxquant.calibration import (ChannelAbsMaxObserver, ChannelExtremaRecorder, ChannelMeanAbsObserver,
+from onnxquant.calibration import (ChannelAbsMaxObserver, ChannelExtremaRecorder, ChannelMeanAbsObserver, ChannelSquareSumObserver,
                                    HessianObserver, Observation, make_range_observer, run_calibration,
                                    token_sample_reader)
 from onnxquant.emitters import nearest_rounder
@@ -195,7 +195,8 @@ def _prepare_smoothing(ctx: StageContext) -> list[Observation]:
                 and all(target.kind != "mul" for target in targets)
                 and 8 * channels * len(ctx.samples) <= ONE_PASS_BUDGET_BYTES)
     observers = {target.activation: ChannelExtremaRecorder() if one_pass else ChannelAbsMaxObserver() for target in targets}
-    hessians = {target.activation: HessianObserver() for target in targets} if settings.sq_alpha_search else {}
+    # The diagonal only: full K x K Hessians of every smoothed input at once would not fit at 1.5B.
+    hessians = {target.activation: ChannelSquareSumObserver() for target in targets} if settings.sq_alpha_search else {}
     ctx.state.update(targets=targets, observers=observers, one_pass=one_pass, hessians=hessians)
     return list(observers.items()) + list(hessians.items())
 

@@ -95,8 +95,9 @@ def test_one_pass_smoothquant_ranges_equal_a_second_calibration(tiny_models, tmp
         assert one[name] == pytest.approx(two[name], rel=1e-4), name
 
 
+@pytest.mark.parametrize("diagonal", [False, True], ids=["hessian", "diagonal"])
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
-def test_alpha_search_models_the_measured_output_error(alpha):
+def test_alpha_search_models_the_measured_output_error(alpha, diagonal):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((512, 64)).astype(np.float32)
     x[:, 0] *= 30.0  # an outlier channel, what SmoothQuant migrates
@@ -109,7 +110,8 @@ def test_alpha_search_models_the_measured_output_error(alpha):
     x_q = dequantize_array(quantize_array(smoothed_x, scale, zero, scheme.activations), scale, zero)
     w_q = round_to_nearest(smoothed_w, dataclasses.replace(scheme.weights, pair_safe=False)).dequantize()
     measured = float(((x_q @ w_q - x @ weight) ** 2).sum())
-    modelled = smoothed_error(scales, [weight], x.T @ x, len(x), scheme.weights, scheme.activations, value_range)
+    hessian = (x * x).sum(axis=0) if diagonal else x.T @ x
+    modelled = smoothed_error(scales, [weight], hessian, len(x), scheme.weights, scheme.activations, value_range)
     assert modelled == pytest.approx(measured, rel=0.15)
 
 

@@ -8,7 +8,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from onnxquant.algorithms.awq import output_error
 from onnxquant.algorithms.gptq import GPTQSettings, gptq_round
-from onnxquant.calibration import HessianObserver, run_calibration
+from onnxquant.calibration import ChannelSquareSumObserver, HessianObserver, run_calibration
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.spec import QuantSpec, round_to_nearest
 from onnxquant.validate import eval_windows, evaluate_perplexity
@@ -54,6 +54,7 @@ class _Reader(CalibrationDataReader):
 
 
 def test_hessian_observer_sums_xtx_in_the_graph(tmp_path):
+    """The full Hessian, and its diagonal alone (the SmoothQuant alpha search's), watching one tensor."""
     rng = np.random.default_rng(2)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "toy",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 8])],
@@ -61,11 +62,12 @@ def test_hessian_observer_sums_xtx_in_the_graph(tmp_path):
                               [numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "toy.onnx")
     batches = [{"x": rng.standard_normal((1, n, 8)).astype(np.float32)} for n in (5, 7)]
-    observer = HessianObserver()
-    run_calibration(tmp_path / "toy.onnx", _Reader(batches), [("x", observer)])
+    observer, diagonal = HessianObserver(), ChannelSquareSumObserver()
+    run_calibration(tmp_path / "toy.onnx", _Reader(batches), [("x", observer), ("x", diagonal)])
     rows = np.concatenate([b["x"][0] for b in batches])
     np.testing.assert_allclose(observer.sum, rows.T @ rows, rtol=1e-5)
-    assert observer.tokens == 12
+    np.testing.assert_allclose(diagonal.sum, (rows * rows).sum(axis=0), rtol=1e-5)
+    assert observer.tokens == diagonal.tokens == 12
 
 
 def _w4(tiny_models, out, calib_text_path, *flags):

@@ -22,12 +22,14 @@ MANTISSA_BITS = {"float8e4m3fn": 3, "float4e2m1": 1}
 
 def activation_noise_energy(weight: np.ndarray, hessian: np.ndarray, tokens: int, spec: QuantSpec | None,
                             value_range: tuple[float, float] | None) -> float:
+    """Output energy of the activation grid's noise through `weight`; `hessian` is H or its diagonal."""
     if spec is None:
         return 0.0
     row_energy = np.einsum("kn,kn->k", weight, weight, dtype=np.float64)
     if spec.is_float:
         relative = 2.0 ** (-2 * MANTISSA_BITS[spec.dtype]) / 12.0
-        return float(relative * np.dot(np.diag(hessian).astype(np.float64), row_energy))
+        diagonal = hessian if hessian.ndim == 1 else np.diag(hessian)
+        return float(relative * np.dot(diagonal.astype(np.float64), row_energy))
     scale, _ = quant_params(*value_range, spec)
     return float(tokens * float(scale) ** 2 / 12.0 * row_energy.sum())
 

@@ -38,9 +38,11 @@ def smoothed_error(scales: np.ndarray, weights: list[np.ndarray], hessian: np.nd
     """Modelled output error of X·W after smoothing by `scales` (X <- X / s, W <- s W), summed over the
     readers' weights: the weight grid's rounding error tr(dWᵀ H' dW) plus the activation grid's noise
     through W (algorithms.sensitivity), with H' = H / (s sᵀ) the smoothed input's Hessian and
-    `value_range` the smoothed input's calibrated range. The clean output does not depend on s."""
+    `value_range` the smoothed input's calibrated range. The clean output does not depend on s.
+    `hessian` may be H's diagonal alone (sum of x_k² per channel): tr(dWᵀ H' dW) is then taken as
+    sum_k H'_kk ||dW_k||², which ignores how rounding errors of correlated channels add up."""
     s = scales.astype(np.float64)
-    h = (hessian / np.outer(s, s)).astype(np.float32)
+    h = (hessian / (s * s if hessian.ndim == 1 else np.outer(s, s))).astype(np.float32)
     # The model ranks alphas; the pair-safe search would only slow it (it moves every alpha alike).
     weight_spec = dataclasses.replace(weight_spec, pair_safe=False)
     error = 0.0
@@ -50,7 +52,8 @@ def smoothed_error(scales: np.ndarray, weights: list[np.ndarray], hessian: np.nd
         for cols in column_chunks(weight.shape[1], width):
             smoothed = (weight[:, cols].astype(np.float64) * s[:, None]).astype(np.float32)
             delta = round_to_nearest(smoothed, weight_spec).dequantize() - smoothed
-            error += float(np.einsum("kn,kn->", delta, h @ delta, dtype=np.float64))
+            spread = h[:, None] * delta if h.ndim == 1 else h @ delta
+            error += float(np.einsum("kn,kn->", delta, spread, dtype=np.float64))
             error += activation_noise_energy(smoothed, h, tokens, activation_spec, value_range)
     return error
 
