@@ -100,7 +100,10 @@ RECIPES = {r.name: r for r in (
     Recipe("int8_pc+r1+sq+gptq", "INT8_PER_CHANNEL + R1 + SmoothQuant + GPTQ weights", _q("INT8_PER_CHANNEL", R1, SQ, "--algo", "gptq")),
     Recipe("int8_pc+r1+sq+gptq+h64", "INT8_PER_CHANNEL + R1 + SmoothQuant + GPTQ + Hadamard groups of 64",
            _q("INT8_PER_CHANNEL", R1, SQ, "--algo", "gptq", "--hadamard_group_size", "64")),
-    Recipe("int8_pc+r1+sq+r4+gptq+h64", "INT8_PER_CHANNEL + R1 + SmoothQuant + R4 + GPTQ + groups of 64 (the README main job)",
+    Recipe("int8_pc+r1+sq_auto+r4+gptq+h64", "INT8_PER_CHANNEL + R1 + SmoothQuant with per-activation alpha + R4 + GPTQ + groups of 64 "
+           "(the README main job)",
+           _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64")),
+    Recipe("int8_pc+r1+sq+r4+gptq+h64", "INT8_PER_CHANNEL + R1 + SmoothQuant + R4 + GPTQ + groups of 64",
            _q("INT8_PER_CHANNEL", R1, SQ, "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64")),
     Recipe("int8+r1+sq+r4+gptq+h64", "INT8_TRANSFORMER_DEFAULT + R1 + SmoothQuant + R4 + GPTQ + groups of 64",
            _q("INT8_TRANSFORMER_DEFAULT", R1, SQ, "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64")),
