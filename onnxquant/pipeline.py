@@ -36,7 +36,7 @@ from onnxquant.calibration import (ChannelAbsMaxObserver, ChannelExtremaRecorder
 from onnxquant.emitters import nearest_rounder
 from onnxquant.errors import UserError, fail
 from onnxquant.genai_folder import GenAIFolder, standard_model_name
-from onnxquant.graph_utils import initializer_array, read_initializer, release_tensor
+from onnxquant.graph_utils import read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
 from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, HadamardGroupsPass,
                               QuantizeGraphPass, RotateR1Pass, UntieEmbeddingsPass)
@@ -211,18 +211,21 @@ def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> np
     """The smoothing scales of the SEARCH_ALPHAS candidate with the least modelled output error."""
     scheme, by_name = ctx.settings.scheme, nodes_by_name(ctx.model.graph)
     observer, hessian = ctx.state["observers"][target.activation], ctx.state["hessians"].pop(target.activation)
-    weights = [initializer_array(constant_weight(by_name[name])) for name in target.readers]
-    errors, candidates = {}, {}
+    candidates, ranges = {}, {}
     for alpha in SEARCH_ALPHAS:
-        scales = target_scales(target, observer.absmax, weight_absmax, alpha)
+        candidates[alpha] = target_scales(target, observer.absmax, weight_absmax, alpha)
         if ctx.state["one_pass"]:
-            value_range = observer.replay(make_range_observer(scheme.calibration, scheme.activations), scales).range()
+            ranges[alpha] = observer.replay(make_range_observer(scheme.calibration, scheme.activations), candidates[alpha]).range()
         else:
-            bound = float((observer.absmax / scales).max())
-            value_range = (-bound, bound)
-        errors[alpha] = smoothed_error(scales, weights, hessian.sum, hessian.tokens, scheme.weights_for(target.readers[0]),
-                                       scheme.activations, value_range)
-        candidates[alpha] = scales
+            bound = float((observer.absmax / candidates[alpha]).max())
+            ranges[alpha] = (-bound, bound)
+    errors = dict.fromkeys(SEARCH_ALPHAS, 0.0)
+    for name in target.readers:  # one weight mapped at a time (read_initializer unmaps it after)
+        per_alpha = read_initializer(constant_weight(by_name[name]), lambda w: [
+            smoothed_error(candidates[a], [w], hessian.sum, hessian.tokens, scheme.weights_for(target.readers[0]),
+                           scheme.activations, ranges[a]) for a in SEARCH_ALPHAS])
+        for alpha, error in zip(SEARCH_ALPHAS, per_alpha):
+            errors[alpha] += error
     alpha = choose_alpha(errors)
     ctx.report.sq_alphas.append(alpha)
     return candidates[alpha]
