@@ -267,36 +267,47 @@ class ChannelMeanAbsObserver(Observer):
         return self.total / max(self.samples, 1)
 
 
-class ChannelSquareSumObserver(Observer):
-    """sum over tokens of x_k² per channel: the diagonal of HessianObserver's H, in K numbers instead
-    of K² (SmoothQuant's alpha search; Qwen2.5-1.5B's down_proj input alone has K = 8960)."""
-
-    summed = ("x2",)
+class _TokenRowsObserver(Observer):
+    """A statistic summed in the graph over the rows of the activation flattened to [tokens, K],
+    with the token count; subclasses name the statistic (`summed`) and build it from the rows."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tokens = 0
+
+    def _statistic(self, graph, rows: ir.Value, width: int, tag: str) -> ir.Value:
+        raise NotImplementedError
 
     def reductions(self, graph, value, tag):
         width = value.shape[-1] if value.shape is not None and isinstance(value.shape[-1], int) else -1
         rows = _node(graph, "Reshape", [value, _constant(graph, f"{tag}/shape", np.array([-1, width], dtype=np.int64))],
                      f"{tag}/rows")
         count = _node(graph, "Shape", [rows], f"{tag}/count", start=0, end=1)
-        squares = _node(graph, "Mul", [rows, rows], f"{tag}/squares")
-        x2 = _node(graph, "ReduceSum", [squares, _constant(graph, f"{tag}/rows_axis", np.array([0], dtype=np.int64))],
-                   f"{tag}/x2", keepdims=0)
-        x2.shape = ir.Shape([width]) if width > 0 else None
-        return {"x2": x2, "count": count}
+        return {self.summed[0]: self._statistic(graph, rows, width, tag), "count": count}
 
     def update(self, stats) -> None:
         self.tokens += int(np.asarray(stats["count"]).reshape(-1)[0])
 
     @property
     def sum(self) -> np.ndarray | None:
-        return self.sums.get("x2")
+        return self.sums.get(self.summed[0])
 
 
-class HessianObserver(Observer):
+class ChannelSquareSumObserver(_TokenRowsObserver):
+    """sum over tokens of x_k² per channel: the diagonal of HessianObserver's H, in K numbers instead
+    of K² (SmoothQuant's alpha search; Qwen2.5-1.5B's down_proj input alone has K = 8960)."""
+
+    summed = ("x2",)
+
+    def _statistic(self, graph, rows, width, tag):
+        squares = _node(graph, "Mul", [rows, rows], f"{tag}/squares")
+        x2 = _node(graph, "ReduceSum", [squares, _constant(graph, f"{tag}/rows_axis", np.array([0], dtype=np.int64))],
+                   f"{tag}/x2", keepdims=0)
+        x2.shape = ir.Shape([width]) if width > 0 else None
+        return x2
+
+
+class HessianObserver(_TokenRowsObserver):
     """H = sum over tokens of x xᵀ (GPTQ's Hessian up to a factor; AWQ's output-error metric).
 
     The product runs in the graph (Gemm of the flattened activation with itself, transA=1) and is
@@ -305,25 +316,10 @@ class HessianObserver(Observer):
 
     summed = ("xtx",)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens = 0
-
-    def reductions(self, graph, value, tag):
-        width = value.shape[-1] if value.shape is not None and isinstance(value.shape[-1], int) else -1
-        rows = _node(graph, "Reshape", [value, _constant(graph, f"{tag}/shape", np.array([-1, width], dtype=np.int64))],
-                     f"{tag}/rows")
-        count = _node(graph, "Shape", [rows], f"{tag}/count", start=0, end=1)
+    def _statistic(self, graph, rows, width, tag):
         xtx = _node(graph, "Gemm", [rows, rows], f"{tag}/xtx", transA=1)
         xtx.shape = ir.Shape([width, width]) if width > 0 else None
-        return {"xtx": xtx, "count": count}
-
-    def update(self, stats) -> None:
-        self.tokens += int(np.asarray(stats["count"]).reshape(-1)[0])
-
-    @property
-    def sum(self) -> np.ndarray | None:
-        return self.sums.get("xtx")
+        return xtx
 
 
 class ChannelExtremaRecorder(Observer):

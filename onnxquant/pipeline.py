@@ -222,7 +222,7 @@ def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> np
     errors = dict.fromkeys(SEARCH_ALPHAS, 0.0)
     for name in target.readers:  # one weight mapped at a time (read_initializer unmaps it after)
         per_alpha = read_initializer(constant_weight(by_name[name]), lambda w: [
-            smoothed_error(candidates[a], [w], hessian.sum, hessian.tokens, scheme.weights_for(target.readers[0]),
+            smoothed_error(candidates[a], w, hessian.sum, hessian.tokens, scheme.weights_for(target.readers[0]),
                            scheme.activations, ranges[a]) for a in SEARCH_ALPHAS])
         for alpha, error in zip(SEARCH_ALPHAS, per_alpha):
             errors[alpha] += error

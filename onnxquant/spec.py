@@ -240,7 +240,7 @@ def weight_bound(weight: np.ndarray, reduce_axes: tuple[int, ...] | None) -> np.
 
 
 PAIR_SEARCH_STEPS = 8
-COLUMNS_PER_SEARCH = 4096  # bounds the float temporaries of the pair-safe search (lm_head has 49152 columns)
+COLUMNS_PER_CHUNK = 4096  # weight columns processed at once: bounds float temporaries (lm_head has 49152 columns)
 
 
 def pair_safe_bound(weight: np.ndarray, spec: QuantSpec, reduce_axes: tuple[int, ...] | None) -> np.ndarray:
@@ -256,7 +256,7 @@ def pair_safe_bound(weight: np.ndarray, spec: QuantSpec, reduce_axes: tuple[int,
     del magnitude
     candidates = [low + (high - low) * t for t in np.linspace(0.0, 1.0, PAIR_SEARCH_STEPS)]
     errors = np.zeros((len(candidates), weight.shape[1]))
-    for cols in column_chunks(weight.shape[1], COLUMNS_PER_SEARCH):
+    for cols in column_chunks(weight.shape[1], COLUMNS_PER_CHUNK):
         part = np.asarray(weight[:, cols], np.float32)
         for i, bound in enumerate(candidates):
             bound_cols = bound if reduce_axes is None else bound[cols]

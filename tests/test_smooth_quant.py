@@ -111,7 +111,7 @@ def test_alpha_search_models_the_measured_output_error(alpha, diagonal):
     w_q = round_to_nearest(smoothed_w, dataclasses.replace(scheme.weights, pair_safe=False)).dequantize()
     measured = float(((x_q @ w_q - x @ weight) ** 2).sum())
     hessian = (x * x).sum(axis=0) if diagonal else x.T @ x
-    modelled = smoothed_error(scales, [weight], hessian, len(x), scheme.weights, scheme.activations, value_range)
+    modelled = smoothed_error(scales, weight, hessian, len(x), scheme.weights, scheme.activations, value_range)
     assert modelled == pytest.approx(measured, rel=0.15)
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxquant.spec import (QuantizedWeight, QuantSpec, block_grid, column_chunks, concat_columns, nvfp4_tensor_scale, padded_blocks,
+from onnxquant.spec import (COLUMNS_PER_CHUNK, QuantizedWeight, QuantSpec, block_grid, column_chunks, concat_columns, nvfp4_tensor_scale, padded_blocks,
                             quantize_array, round_to_nearest)
 
 CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))
 # A power-of-two (E8M0) scale can only move by whole exponents; OCP's floor(log2 max) may saturate a
 # block's largest values, so the search also tries the next exponent up (the MSE observer of MX).
 E8M0_CLIP_RATIOS = (2.0, 1.0, 0.5)
-COLUMNS_PER_CHUNK = 4096  # output columns searched at once: bounds the float temporaries (lm_head has 49152)
 
 
 def clip_search(weight: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = None) -> QuantizedWeight:

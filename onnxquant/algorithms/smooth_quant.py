@@ -8,7 +8,7 @@ import numpy as np
 
 from onnxquant.algorithms.sensitivity import activation_noise_energy
 from onnxquant.scale_folding import FoldTarget
-from onnxquant.spec import QuantSpec, column_chunks, round_to_nearest
+from onnxquant.spec import COLUMNS_PER_CHUNK, QuantSpec, column_chunks, round_to_nearest
 
 
 def smoothing_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -30,15 +30,14 @@ def target_scales(target: FoldTarget, act_absmax: np.ndarray, weight_row_absmax:
 # Candidates of the per-activation search (`--sq_alpha auto`): the range SmoothQuant's paper and the
 # global sweeps in the README found useful.
 SEARCH_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-COLUMNS_PER_CHUNK = 4096
 
 
-def smoothed_error(scales: np.ndarray, weights: list[np.ndarray], hessian: np.ndarray, tokens: int,
+def smoothed_error(scales: np.ndarray, weight: np.ndarray, hessian: np.ndarray, tokens: int,
                    weight_spec: QuantSpec, activation_spec: QuantSpec | None, value_range: tuple[float, float]) -> float:
-    """Modelled output error of X·W after smoothing by `scales` (X <- X / s, W <- s W), summed over the
-    readers' weights: the weight grid's rounding error tr(dWᵀ H' dW) plus the activation grid's noise
-    through W (algorithms.sensitivity), with H' = H / (s sᵀ) the smoothed input's Hessian and
-    `value_range` the smoothed input's calibrated range. The clean output does not depend on s.
+    """Modelled output error of X·W for one reader's weight W after smoothing by `scales` (X <- X / s,
+    W <- s W): the weight grid's rounding error tr(dWᵀ H' dW) plus the activation grid's noise through W
+    (algorithms.sensitivity), with H' = H / (s sᵀ) the smoothed input's Hessian and `value_range` the
+    smoothed input's calibrated range. The clean output does not depend on s; readers of one input add.
     `hessian` may be H's diagonal alone (sum of x_k² per channel): tr(dWᵀ H' dW) is then taken as
     sum_k H'_kk ||dW_k||², which ignores how rounding errors of correlated channels add up."""
     s = scales.astype(np.float64)
@@ -46,15 +45,14 @@ def smoothed_error(scales: np.ndarray, weights: list[np.ndarray], hessian: np.nd
     # The model ranks alphas; the pair-safe search would only slow it (it moves every alpha alike).
     weight_spec = dataclasses.replace(weight_spec, pair_safe=False)
     error = 0.0
-    for weight in weights:
-        # Column chunks bound the temporaries (lm_head has 49152 columns); a per-tensor grid needs them all.
-        width = weight.shape[1] if weight_spec.granularity == "per_tensor" else COLUMNS_PER_CHUNK
-        for cols in column_chunks(weight.shape[1], width):
-            smoothed = (weight[:, cols].astype(np.float64) * s[:, None]).astype(np.float32)
-            delta = round_to_nearest(smoothed, weight_spec).dequantize() - smoothed
-            spread = h[:, None] * delta if h.ndim == 1 else h @ delta
-            error += float(np.einsum("kn,kn->", delta, spread, dtype=np.float64))
-            error += activation_noise_energy(smoothed, h, tokens, activation_spec, value_range)
+    # Column chunks bound the temporaries (lm_head has 49152 columns); a per-tensor grid needs them all.
+    width = weight.shape[1] if weight_spec.granularity == "per_tensor" else COLUMNS_PER_CHUNK
+    for cols in column_chunks(weight.shape[1], width):
+        smoothed = (weight[:, cols].astype(np.float64) * s[:, None]).astype(np.float32)
+        delta = round_to_nearest(smoothed, weight_spec).dequantize() - smoothed
+        spread = h[:, None] * delta if h.ndim == 1 else h @ delta
+        error += float(np.einsum("kn,kn->", delta, spread, dtype=np.float64))
+        error += activation_noise_energy(smoothed, h, tokens, activation_spec, value_range)
     return error
 
 
