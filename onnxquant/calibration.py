@@ -14,15 +14,18 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
 from onnxquant.genai_folder import GenAIFolder
-from onnxquant.runtime import make_session, prefill_feeds, session_options
+from onnxquant.runtime import prefill_feeds, session_options
+from onnxquant.segments import DEFAULT_SEGMENT_MB, Segment, SegmentedModel
 from onnxquant.algorithms.range_search import mse_range
 from onnxquant.schemes import Calibration
 from onnxquant.spec import QuantSpec
@@ -362,9 +365,53 @@ class ChannelExtremaRecorder(Observer):
 Observation = tuple[str, Observer]  # (tensor name, observer)
 
 
+class SpillingStore:
+    """Named arrays (statistics such as Hessians) held in memory, or, when put with `spill`, in .npy
+    files under `folder`, read back on each access, so that memory holds one of them at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.arrays: dict[str, np.ndarray] = {}
+        self.files: dict[str, Path] = {}
+        self._written = 0
+
+    def put(self, name: str, array: np.ndarray, spill: bool) -> None:
+        if name in self:
+            del self[name]
+        if not spill:
+            self.arrays[name] = array
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.files[name] = self.folder / f"{self._written}.npy"
+        self._written += 1
+        np.save(path, array)
+
+    def replace(self, name: str, array: np.ndarray) -> None:
+        self.put(name, array, spill=name in self.files)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name] if name in self.arrays else np.load(self.files[name])
+
+    def get(self, name: str, default: np.ndarray | None = None) -> np.ndarray | None:
+        return self[name] if name in self else default
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.arrays or name in self.files
+
+    def __iter__(self):
+        return iter([*self.arrays, *self.files])
+
+    def __delitem__(self, name: str) -> None:
+        if name in self.arrays:
+            del self.arrays[name]
+        else:
+            self.files.pop(name).unlink()
+
+
 @dataclass(frozen=True)
 class CalibrationRun:
     seconds: float
+    segments: int = 1
 
 
 @dataclass(frozen=True)
@@ -379,15 +426,16 @@ class RunningSum:
 
 @dataclass(frozen=True)
 class CalibrationGraph:
-    proto: bytes
+    model: onnx.ModelProto  # weights stay in the external data files
     outputs: list[dict[str, str]]  # per observation: statistic name -> graph output name (per-sample stats)
     running_sums: list[RunningSum]
+    first_reduction: int  # nodes from here on are the observers' reductions
 
 
 def build_calibration_model(model_path: Path, observations: list[Observation]) -> CalibrationGraph:
     """The model at `model_path` with its outputs replaced by the observers' reductions.
 
-    The serialized model keeps its weights in the external data file. A summed reduction with a
+    The model keeps its weights in the external data file. A summed reduction with a
     static shape becomes a running total (see `Observer`); one with a dynamic shape stays a
     per-sample output that `run_calibration` adds up on the host.
     """
@@ -395,6 +443,7 @@ def build_calibration_model(model_path: Path, observations: list[Observation]) -
 
     model = ir.load(model_path)
     graph = model.graph
+    own_nodes = {id(node) for node in graph}
     values = {v.name: v for v in graph.inputs}
     values.update({v.name: v for node in graph for v in node.outputs})
     graph.outputs.clear()
@@ -420,7 +469,8 @@ def build_calibration_model(model_path: Path, observations: list[Observation]) -
                 per_sample[stat] = stat_value.name
         outputs.append(per_sample)
     RemoveUnusedNodesPass()(model)
-    return CalibrationGraph(ir.to_proto(model).SerializeToString(), outputs, running_sums)
+    first_reduction = sum(1 for node in graph if id(node) in own_nodes)  # onnx_ir keeps appended nodes last
+    return CalibrationGraph(ir.to_proto(model), outputs, running_sums, first_reduction)
 
 
 def graph_input_specs(model_path: Path) -> list[tuple[str, type]]:
@@ -436,45 +486,46 @@ def token_sample_reader(model_path: Path, folder: GenAIFolder, samples: np.ndarr
 
 
 def run_calibration(model_path: Path, reader: CalibrationDataReader, observations: list[Observation] | dict[str, Observer],
-                    desc: str = "calibration") -> CalibrationRun:
-    """Run every sample of `reader` through ORT and feed each observer the statistics of its tensor."""
+                    desc: str = "calibration", segment_bytes: int = DEFAULT_SEGMENT_MB << 20,
+                    on_segment_done: Callable[[list[Observation], bool], None] | None = None) -> CalibrationRun:
+    """Run every sample of `reader` through ORT and feed each observer the statistics of its tensor.
+
+    A model with more than `segment_bytes` of weights runs in segments (onnxquant.segments);
+    `on_segment_done(observations, segmented)` is called with the observations each segment
+    completed (segmented: whether the model was cut).
+    """
     if isinstance(observations, dict):
         observations = list(observations.items())
     start = time.perf_counter()
     calib = build_calibration_model(model_path, observations)
+    segmented = SegmentedModel(calib.model, model_path.parent, segment_bytes, calib.first_reduction)
     options = session_options()
-    # The cut-down graph is passed as bytes; its weights stay in the model's external data file.
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
     # Peak memory of a 512-token SmolLM2 sample, measured: ORT's default order runs the reductions
     # after the last layer, so every watched activation stays alive (+200 MB); priority-based
     # order runs them as soon as their input exists. The memory pattern pre-plans one block for
     # all intermediates after the first run (+240 MB) and is no faster here.
     options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     options.enable_mem_pattern = False
-    session = make_session(calib.proto, options)
-    binding = session.io_binding()
-    for total in calib.running_sums:
-        # Input and output bound to one buffer: ORT's elementwise Add writes the new total over the old.
-        buffer = np.zeros(total.shape, dtype=np.float32)
-        observations[total.observation][1].sums[total.stat] = buffer
-        binding.bind_input(total.total_in, "cpu", 0, np.float32, list(total.shape), buffer.ctypes.data)
-        binding.bind_output(total.total_out, "cpu", 0, np.float32, list(total.shape), buffer.ctypes.data)
-    per_sample_names = [name for names in calib.outputs for name in names.values()]
-    for name in per_sample_names:
-        binding.bind_output(name, "cpu")
-    try:
-        total_samples = len(reader)
-    except (TypeError, NotImplementedError):  # ORT's base reader declares __len__ but need not implement it
-        total_samples = None
-    for feeds in tqdm(iter(reader.get_next, None), total=total_samples, desc=desc, unit="sample"):
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        session.run_with_iobinding(binding)
-        values = binding.get_outputs()[len(calib.running_sums):]
-        # Copies: ORT writes the next sample's statistics into the same output buffers.
-        results = {name: np.array(value.numpy(), copy=True) for name, value in zip(per_sample_names, values)}
-        for (_, observer), names in zip(observations, calib.outputs):
-            stats = {stat: results[name] for stat, name in names.items()}
+    owner = {name: index for index, names in enumerate(calib.outputs) for name in names.values()}
+    owner.update({total.total_out: total.observation for total in calib.running_sums})
+
+    def bind_running_sums(segment: Segment, binding: ort.IOBinding) -> set[str]:
+        bound = set()
+        for total in calib.running_sums:
+            if total.total_out not in segment.outputs:
+                continue
+            # Input and output bound to one buffer: ORT's elementwise Add writes the new total over the old.
+            buffer = np.zeros(total.shape, dtype=np.float32)
+            observations[total.observation][1].sums[total.stat] = buffer
+            binding.bind_input(total.total_in, "cpu", 0, np.float32, list(total.shape), buffer.ctypes.data)
+            binding.bind_output(total.total_out, "cpu", 0, np.float32, list(total.shape), buffer.ctypes.data)
+            bound |= {total.total_in, total.total_out}
+        return bound
+
+    def update(_sample: int, results: dict[str, np.ndarray]) -> None:
+        for index in sorted({owner[name] for name in results}):
+            observer = observations[index][1]
+            stats = {stat: results[name] for stat, name in calib.outputs[index].items()}
             for stat in [s for s in observer.summed if s in stats]:  # dynamic shape: summed here instead
                 value = stats.pop(stat).astype(np.float32)
                 if stat in observer.sums:
@@ -482,4 +533,15 @@ def run_calibration(model_path: Path, reader: CalibrationDataReader, observation
                 else:
                     observer.sums[stat] = value
             observer.update(stats)
-    return CalibrationRun(time.perf_counter() - start)
+
+    def segment_done(segment: Segment) -> None:
+        if on_segment_done is not None:
+            done = {owner[name] for name in segment.outputs if name in owner}
+            on_segment_done([observations[index] for index in sorted(done)], len(segmented.segments) > 1)
+
+    try:
+        total_samples = len(reader)
+    except (TypeError, NotImplementedError):  # ORT's base reader declares __len__ but need not implement it
+        total_samples = None
+    segmented.run(iter(reader.get_next, None), options, update, bind_running_sums, segment_done, desc, total_samples)
+    return CalibrationRun(time.perf_counter() - start, len(segmented.segments))

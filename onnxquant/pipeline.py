@@ -31,7 +31,7 @@ from onnxquant.algorithms.rtn import clip_search
 from onnxquant.algorithms.sensitivity import matmul_sensitivity
 from onnxquant.algorithms.smooth_quant import SEARCH_ALPHAS, choose_alpha, smoothed_error, target_scales
 from onnxquant.calibration import (ChannelAbsMaxObserver, ChannelExtremaRecorder, ChannelMeanAbsObserver, ChannelSquareSumObserver,
-                                   HessianObserver, Observation, make_range_observer, run_calibration,
+                                   HessianObserver, Observation, SpillingStore, make_range_observer, run_calibration,
                                    token_sample_reader)
 from onnxquant.emitters import nearest_rounder
 from onnxquant.errors import UserError, fail
@@ -46,6 +46,7 @@ from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
 from onnxquant.rotation_config import load_rotation_config, refuse_sandwich_norms, resolve_pairs
 from onnxquant.scale_folding import fold_targets
 from onnxquant.schemes import QuantScheme
+from onnxquant.segments import DEFAULT_SEGMENT_MB
 from onnxquant.spec import QuantSpec
 
 
@@ -68,6 +69,7 @@ class QuantizeSettings:
     r4: bool = False  # QuaRot's online Hadamard on down_proj inputs
     exclude_most_sensitive: int = 0  # MatMuls kept in float, the highest by algorithms.sensitivity
     sq_alpha_search: bool = False  # each activation's alpha from SEARCH_ALPHAS by modelled output error
+    segment_bytes: int = DEFAULT_SEGMENT_MB << 20  # calibration runs in pieces of at most about this much weight
 
     @property
     def needs_calibration(self) -> bool:
@@ -90,6 +92,7 @@ class QuantizeReport:
     kept_float: list[str] = field(default_factory=list)  # --exclude_most_sensitive, most sensitive first
     calibration_seconds: float = 0.0
     calibration_passes: int = 0
+    calibration_segments: int = 1
     seconds: float = 0.0
 
     def summary(self, settings: QuantizeSettings, peak_rss_mb: float, size_mb: float) -> str:
@@ -112,6 +115,8 @@ class QuantizeReport:
             extras += f" kept_float={len(self.kept_float)}"
         if self.calibration_passes and (settings.sq_alpha is not None or scheme.algo != "rtn"):
             extras += f" calibration_passes={self.calibration_passes}"
+        if self.calibration_segments > 1:
+            extras += f" calibration_segments={self.calibration_segments}"
         return (f"quantized={self.quantized_nodes} nodes config={config} seconds={self.seconds:.1f} "
                 f"peak_rss_mb={peak_rss_mb:.0f} size_mb={size_mb:.1f}{extras}")
 
@@ -124,6 +129,7 @@ class StageContext:
     settings: QuantizeSettings
     samples: np.ndarray | None
     report: QuantizeReport
+    scratch: Path
     ranges: dict[str, tuple[float, float]] | None = None  # activation ranges computed ahead (one-pass SmoothQuant)
     state: dict = field(default_factory=dict)  # what a stage's prepare hands to its build
 
@@ -295,8 +301,19 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
         ctx.state["range_observers"] = {name: make_range_observer(scheme.calibration, scheme.activations) for name in plan.activations}
         observations += list(ctx.state["range_observers"].items())
     if ctx.settings.needs_hessians:
-        ctx.state["hessians"] = {name: HessianObserver() for name in plan.activations}
-        observations += list(ctx.state["hessians"].items())
+        observers = {name: HessianObserver() for name in plan.activations}
+        ctx.state["hessian_observers"] = observers
+        store = ctx.state["hessians"] = SpillingStore(ctx.scratch / "hessians")
+
+        def collect(done: list[Observation], spill: bool) -> None:
+            # Each Hessian leaves its observer as soon as its segment ends; spilled to disk when the model
+            # runs in segments, so memory holds one segment's Hessians, not all of them (9.8 GB at 1.5B).
+            for name, observer in done:
+                if isinstance(observer, HessianObserver) and "xtx" in observer.sums:
+                    store.put(name, observer.sums.pop("xtx"), spill)
+
+        ctx.state["segment_done"] = collect
+        observations += list(observers.items())
     if scheme.algo == "awq":
         ctx.state["mean_abs"] = {name: ChannelMeanAbsObserver() for name in plan.activations}
         observations += list(ctx.state["mean_abs"].items())
@@ -308,7 +325,7 @@ class _HessianRounder:
     divided by any AWQ scales that were folded into that input. A Hessian is dropped once the
     last weight reading its activation has been rounded."""
 
-    def __init__(self, hessians: dict[str, np.ndarray], reader_input: dict[str, str], settings: GPTQSettings, gptq: bool):
+    def __init__(self, hessians: SpillingStore, reader_input: dict[str, str], settings: GPTQSettings, gptq: bool):
         self.hessians = hessians
         self.reader_input = reader_input
         self.readers_left = Counter(reader_input.values())
@@ -338,14 +355,13 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
     if scheme.clip_search and scheme.algo == "rtn":
         rounder = lambda name, weight, spec: clip_search(weight, spec)  # noqa: E731
     if ctx.settings.needs_hessians:
-        observers = ctx.state.pop("hessians")
-        # Taken out of the observers so that each is freed once rounded (float32 until used).
-        hessians = {name: observer.sums.pop("xtx") for name, observer in observers.items()}
+        hessians = ctx.state.pop("hessians")  # each is freed once rounded (float32 until used)
     if ctx.settings.exclude_most_sensitive:
-        tokens = {name: observer.tokens for name, observer in observers.items()}
+        tokens = {name: observer.tokens for name, observer in ctx.state["hessian_observers"].items()}
         ctx.report.kept_float = _most_sensitive(ctx, plan, hessians, tokens, ranges)
         plan = plan.without(ctx.report.kept_float)
-        hessians = {name: h for name, h in hessians.items() if name in plan.activations}
+        for name in [name for name in hessians if name not in plan.activations]:
+            del hessians[name]
     if scheme.algo in ("gptq", "awq"):
         if scheme.algo == "awq":
             passes.append(_awq_pass(ctx, plan, hessians))
@@ -359,7 +375,7 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
     return passes + [quantize]
 
 
-def _most_sensitive(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.ndarray], tokens: dict[str, int],
+def _most_sensitive(ctx: StageContext, plan: QuantPlan, hessians: SpillingStore, tokens: dict[str, int],
                     ranges: dict[str, tuple[float, float]]) -> list[str]:
     """The `exclude_most_sensitive` planned MatMuls with the largest modelled output error."""
     count = ctx.settings.exclude_most_sensitive
@@ -373,15 +389,16 @@ def _most_sensitive(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.n
             weight = constant_weight(by_name[name])
             # The plain grid stands in for the pair-safe one: the ranking needs the error's size, not its last bit.
             spec = dataclasses.replace(plan.nodes[name].weights, pair_safe=False)
+            hessian = hessians[activation]
             scores[name] = read_initializer(weight, lambda w: matmul_sensitivity(
-                w, hessians[activation], tokens[activation], spec, plan.activation_spec, ranges.get(activation)))
+                w, hessian, tokens[activation], spec, plan.activation_spec, ranges.get(activation)))
     ranked = sorted(scores, key=scores.get, reverse=True)[:count]
     for name in ranked:
         print(f"kept in float: {name} (modelled relative output error {scores[name]:.2e})")
     return ranked
 
 
-def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.ndarray]) -> FoldChannelScalesPass:
+def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: SpillingStore) -> FoldChannelScalesPass:
     """AWQ scales for every group whose producer can absorb them; Hessians rescaled to match."""
     graph = ctx.model.graph
     by_name = nodes_by_name(graph)
@@ -390,13 +407,14 @@ def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: dict[str, np.ndarray
     for target in tqdm(targets, desc="awq search", unit="group", leave=False):
         tensors = [constant_weight(by_name[name]).const_value for name in target.readers]
         specs = [plan.nodes[name].weights for name in target.readers]
-        s, alpha = awq_scales(target, [t.numpy() for t in tensors], specs, hessians[target.activation],
+        hessian = hessians[target.activation]
+        s, alpha = awq_scales(target, [t.numpy() for t in tensors], specs, hessian,
                               ctx.state["mean_abs"][target.activation].mean)
         for tensor in tensors:
             release_tensor(tensor)  # the search touched every page of these weights
         scales[target.activation] = s
         ctx.report.awq_alphas.append(alpha)
-        hessians[target.activation] = (hessians[target.activation] / np.outer(s, s)).astype(np.float32)
+        hessians.replace(target.activation, (hessian / np.outer(s, s)).astype(np.float32))
     return FoldChannelScalesPass(targets, scales)
 
 
@@ -446,15 +464,17 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
     if QUANT_METADATA_KEY in model.metadata_props:
         fail(f"{folder.model_file} is already quantized ({model.metadata_props[QUANT_METADATA_KEY]}); "
              "pass the float export instead")
-    ctx = StageContext(model, folder.model_file, folder, settings, samples, report)
+    ctx = StageContext(model, folder.model_file, folder, settings, samples, report, scratch)
     for number, stage in enumerate(s for s in recipe if s.applies(settings)):
         ctx.state = {}
         observations = stage.prepare(ctx)
         if observations:
             run = run_calibration(ctx.model_path, token_sample_reader(ctx.model_path, folder, samples), observations,
-                                  desc=f"calibration ({stage.name})")
+                                  desc=f"calibration ({stage.name})", segment_bytes=settings.segment_bytes,
+                                  on_segment_done=ctx.state.get("segment_done"))
             report.calibration_seconds += run.seconds
             report.calibration_passes += 1
+            report.calibration_segments = max(report.calibration_segments, run.segments)
         run_passes(ctx.model, stage.build(ctx))
         if "fold" in ctx.state:
             report.inserted_muls += ctx.state["fold"].inserted_muls

@@ -16,6 +16,7 @@ from onnxquant.genai_folder import copy_sidecar_files, model_bytes, open_genai_f
 from onnxquant.memory import peak_rss_mb
 from onnxquant.pipeline import QuantizeSettings, RotationSettings, quantize_model
 from onnxquant.schemes import ALGORITHMS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
+from onnxquant.segments import DEFAULT_SEGMENT_MB
 from onnxquant.spec import BLOCK_SIZES, E8M0_ROUNDINGS
 from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
 from onnxquant.verification import (DEFAULT_COLLAPSE_RATIO, CollapsedModelError, RunVerifier, collapse_message,
@@ -72,6 +73,9 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--collapse_ratio", type=float, default=DEFAULT_COLLAPSE_RATIO,
         help="refuse the result when its quick perplexity exceeds the float model's by this factor (0: no check)")
     add("--allow_degraded", action="store_true", help="keep the output even when the collapse guard fires")
+    add("--segment_mb", type=int, default=DEFAULT_SEGMENT_MB,
+        help="run calibration and the verification probe in consecutive pieces of the model holding about this many "
+             "MB of weights each (a model within it runs whole), which bounds memory on large models")
     return parser
 
 
@@ -138,9 +142,11 @@ def settings_from_args(args) -> QuantizeSettings:
         fail(f"--hadamard_group_size {group} is not one of {', '.join(map(str, HADAMARD_GROUP_SIZES))}")
     if args.exclude_most_sensitive < 0:
         fail(f"--exclude_most_sensitive {args.exclude_most_sensitive} is negative; pass a count of MatMuls (0: none)")
+    if args.segment_mb < 1:
+        fail(f"--segment_mb must be a positive number of MB, got {args.segment_mb}")
     return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, sq_alpha_search=sq_alpha_search,
-                            hadamard_group_size=group,
-                            r4=args.include_r4, exclude_most_sensitive=args.exclude_most_sensitive)
+                            hadamard_group_size=group, r4=args.include_r4,
+                            exclude_most_sensitive=args.exclude_most_sensitive, segment_bytes=args.segment_mb << 20)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantize") -> int:
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
         if settings.needs_calibration:
             samples = cut_windows(ids, args.seq_len, args.num_calib_data, "calibration text")
         if checks:
-            verifier = RunVerifier(folder, *held_out_windows(ids, calibrated, args.seq_len, VERIFY_WINDOWS), args.verify)
+            verifier = RunVerifier(folder, *held_out_windows(ids, calibrated, args.seq_len, VERIFY_WINDOWS), args.verify,
+                                   settings.segment_bytes)
     with staged_output_dir(output_dir) as staging, tempfile.TemporaryDirectory(
             prefix=".onnxquant-scratch-", dir=output_dir.absolute().parent) as scratch:
         report = quantize_model(folder, staging / output_name, settings, samples, Path(scratch),

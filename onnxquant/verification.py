@@ -16,9 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from onnxquant.errors import UserError, fail
+from onnxquant.calibration import graph_input_specs
 from onnxquant.genai_folder import GenAIFolder
+from onnxquant.runtime import prefill_feeds, session_options
+from onnxquant.segments import DEFAULT_SEGMENT_MB, SegmentedModel
 from onnxquant.validate import OrtBackend, window_nll
 
 # Float32 rotations and smoothing measured 3e-6 (R1) to 2e-5 (R1 + SmoothQuant) on SmolLM2; an
@@ -63,16 +67,32 @@ def held_out_windows(ids: np.ndarray, used: int, seq_len: int, count: int) -> tu
     return ids[start * seq_len: stop * seq_len].reshape(-1, seq_len), start >= used
 
 
-def probe(model_file: Path, folder: GenAIFolder, windows: np.ndarray) -> Probe:
-    backend = OrtBackend(folder, model_file)
+def probe(model_file: Path, folder: GenAIFolder, windows: np.ndarray, segment_bytes: int = DEFAULT_SEGMENT_MB << 20) -> Probe:
+    """The probe of `model_file` on `windows`; a model with more than `segment_bytes` of weights runs in
+    segments (onnxquant.segments), so the float input of a large model is never loaded whole."""
     positions = np.unique(np.linspace(0, windows.shape[1] - 2, SAMPLED_POSITIONS).astype(int))
     nll, top1, sampled = [], [], []
-    for window in windows:
-        logits = backend.logits(window)
+
+    def record(window: np.ndarray, logits: np.ndarray) -> None:
         top1.append(logits[:-1].argmax(axis=-1))
         sampled.append(logits[positions].copy())
         nll.append(window_nll(logits, window))
-    del backend
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    logits_output = [output for output in model.graph.output if output.name == "logits"]
+    del model.graph.output[:]
+    model.graph.output.extend(logits_output)
+    segmented = SegmentedModel(model, model_file.parent, segment_bytes)
+    if len(segmented.segments) == 1:
+        backend = OrtBackend(folder, model_file)
+        for window in windows:
+            record(window, backend.logits(window))
+        del backend
+    else:
+        specs = graph_input_specs(model_file)
+        feeds = [prefill_feeds(specs, folder, window.reshape(1, -1)) for window in windows]
+        segmented.run(feeds, session_options(), lambda number, outputs: record(windows[number], outputs["logits"][0]),
+                      desc="verify", total=len(windows))
     return Probe(tuple(nll), tuple(top1), tuple(sampled))
 
 
@@ -133,22 +153,27 @@ def collapse_message(report: QualityReport, limit: float, scheme_name: str, smoo
 class RunVerifier:
     """Probes the float input once, then checks each float checkpoint (--verify) and the result."""
 
-    def __init__(self, folder: GenAIFolder, windows: np.ndarray, held_out: bool, exact_checks: bool):
+    def __init__(self, folder: GenAIFolder, windows: np.ndarray, held_out: bool, exact_checks: bool,
+                 segment_bytes: int = DEFAULT_SEGMENT_MB << 20):
         self.folder = folder
         self.windows = windows
         self.held_out = held_out
         self.exact_checks = exact_checks
-        self.reference = probe(folder.model_file, folder, windows)
+        self.segment_bytes = segment_bytes
+        self.reference = self._probe(folder.model_file)
         self.exact_errors: dict[str, float] = {}
 
     def after_stage(self, stage: str, model_file: Path) -> None:
         if self.exact_checks:
-            self.exact_errors[stage] = check_exact(stage, self.reference, probe(model_file, self.folder, self.windows))
+            self.exact_errors[stage] = check_exact(stage, self.reference, self._probe(model_file))
 
     def quality(self, model_file: Path) -> QualityReport:
-        result = probe(model_file, self.folder, self.windows)
+        result = self._probe(model_file)
         return QualityReport(self.reference.perplexity, result.perplexity, top1_agreement(self.reference, result),
                              self.held_out)
+
+    def _probe(self, model_file: Path) -> Probe:
+        return probe(model_file, self.folder, self.windows, self.segment_bytes)
 
     def summary(self) -> str:
         return " ".join(f"exact_{stage}={error:.1e}" for stage, error in self.exact_errors.items())
