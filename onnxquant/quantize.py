@@ -73,7 +73,7 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--collapse_ratio", type=float, default=DEFAULT_COLLAPSE_RATIO,
         help="refuse the result when its quick perplexity exceeds the float model's by this factor (0: no check)")
     add("--allow_degraded", action="store_true", help="keep the output even when the collapse guard fires")
-    add("--segment_mb", type=int, default=DEFAULT_SEGMENT_MB,
+    add("--segment_mb", type=float, default=DEFAULT_SEGMENT_MB,
         help="run calibration and the verification probe in consecutive pieces of the model holding about this many "
              "MB of weights each (a model within it runs whole), which bounds memory on large models")
     return parser
@@ -142,11 +142,11 @@ def settings_from_args(args) -> QuantizeSettings:
         fail(f"--hadamard_group_size {group} is not one of {', '.join(map(str, HADAMARD_GROUP_SIZES))}")
     if args.exclude_most_sensitive < 0:
         fail(f"--exclude_most_sensitive {args.exclude_most_sensitive} is negative; pass a count of MatMuls (0: none)")
-    if args.segment_mb < 1:
-        fail(f"--segment_mb must be a positive number of MB, got {args.segment_mb}")
+    if not args.segment_mb > 0:
+        fail(f"--segment_mb must be a positive number of MB, got {args.segment_mb:g}")
     return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, sq_alpha_search=sq_alpha_search,
                             hadamard_group_size=group, r4=args.include_r4,
-                            exclude_most_sensitive=args.exclude_most_sensitive, segment_bytes=args.segment_mb << 20)
+                            exclude_most_sensitive=args.exclude_most_sensitive, segment_bytes=int(args.segment_mb * (1 << 20)))
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantize") -> int:

@@ -81,6 +81,10 @@ def test_bad_collapse_ratio(source, tmp_path):
     assert_user_error(_quantize(source, tmp_path / "out", "--collapse_ratio", "0.5"), "--collapse_ratio must be above 1")
 
 
+def test_bad_segment_size(source, tmp_path):
+    assert_user_error(_quantize(source, tmp_path / "out", "--segment_mb", "0"), "--segment_mb must be a positive number")
+
+
 def test_unwritable_output_location(source, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
