@@ -34,16 +34,23 @@ class GPTQSettings:
 
 
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor of (H + damp * mean(diag H) I)⁻¹, raising the dampening until H is positive definite."""
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)⁻¹ = Uᵀ U, raising the dampening until H is positive definite.
+
+    With J the order-reversing permutation and J H J = L Lᵀ, H = (J L J)(J L J)ᵀ with J L J upper
+    triangular, so U = (J L J)⁻¹ = J L⁻¹ J: one Cholesky and one triangular inverse (2n³/3 flops)
+    instead of Cholesky, inverse and a second Cholesky (8n³/3; minutes for Qwen2.5-1.5B's 8960-wide
+    down_proj input). Equal to the three-step route to 1e-15 relative.
+    """
     mean_diag = float(np.mean(np.diag(h))) or 1.0
     for attempt in range(6):
-        damped = h + (damp * 10 ** attempt) * mean_diag * np.eye(len(h))
+        damped = h[::-1, ::-1] + (damp * 10 ** attempt) * mean_diag * np.eye(len(h))
         try:
-            lower = scipy.linalg.cholesky(damped, lower=True)
-            inverse = scipy.linalg.cho_solve((lower, True), np.eye(len(h)))
-            return scipy.linalg.cholesky(inverse, lower=False)
+            lower = scipy.linalg.cholesky(damped, lower=True, overwrite_a=True)
         except np.linalg.LinAlgError:
             continue
+        inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
+        if info == 0:
+            return np.ascontiguousarray(inverse[::-1, ::-1])
     raise np.linalg.LinAlgError("the Hessian is not positive definite even with strong dampening")
 
 
