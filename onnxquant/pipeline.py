@@ -331,12 +331,17 @@ class _HessianRounder:
         self.readers_left = Counter(reader_input.values())
         self.settings = settings
         self.gptq = gptq
+        # Rounding runs as the model is written; at 1.5B it takes minutes.
+        self.progress = tqdm(total=len(reader_input), desc="gptq" if gptq else "clip search", unit="weight")
 
     def __call__(self, node_name: str, weight: np.ndarray, spec: QuantSpec):
         activation = self.reader_input.get(node_name)
         hessian = self.hessians.get(activation)
         if hessian is None:
             return nearest_rounder(node_name, weight, spec)
+        self.progress.update()
+        if self.progress.n == self.progress.total:
+            self.progress.close()
         self.readers_left[activation] -= 1
         if self.readers_left[activation] == 0:
             del self.hessians[activation]
