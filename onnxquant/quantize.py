@@ -142,7 +142,7 @@ def settings_from_args(args) -> QuantizeSettings:
         fail(f"--hadamard_group_size {group} is not one of {', '.join(map(str, HADAMARD_GROUP_SIZES))}")
     if args.exclude_most_sensitive < 0:
         fail(f"--exclude_most_sensitive {args.exclude_most_sensitive} is negative; pass a count of MatMuls (0: none)")
-    if not args.segment_mb > 0:
+    if not 0 < args.segment_mb < float("inf"):
         fail(f"--segment_mb must be a positive number of MB, got {args.segment_mb:g}")
     return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, sq_alpha_search=sq_alpha_search,
                             hadamard_group_size=group, r4=args.include_r4,
