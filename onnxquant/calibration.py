@@ -367,13 +367,16 @@ Observation = tuple[str, Observer]  # (tensor name, observer)
 
 class SpillingStore:
     """Named arrays (statistics such as Hessians) held in memory, or, when put with `spill`, in .npy
-    files under `folder`, read back on each access, so that memory holds one of them at a time."""
+    files under `folder`, read back when asked for, so that memory holds one of them at a time. The
+    last file read is kept until another is read: the readers of one activation (gate_proj and
+    up_proj) ask for its Hessian in turn, and read the file once."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.arrays: dict[str, np.ndarray] = {}
         self.files: dict[str, Path] = {}
         self._written = 0
+        self._last_read: tuple[str, np.ndarray] | None = None
 
     def put(self, name: str, array: np.ndarray, spill: bool) -> None:
         if name in self:
@@ -390,7 +393,12 @@ class SpillingStore:
         self.put(name, array, spill=name in self.files)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self.arrays[name] if name in self.arrays else np.load(self.files[name])
+        if name in self.arrays:
+            return self.arrays[name]
+        if self._last_read is None or self._last_read[0] != name:
+            self._last_read = None  # drop the previous array before reading the next
+            self._last_read = (name, np.load(self.files[name]))
+        return self._last_read[1]
 
     def get(self, name: str, default: np.ndarray | None = None) -> np.ndarray | None:
         return self[name] if name in self else default
@@ -402,6 +410,8 @@ class SpillingStore:
         return iter([*self.arrays, *self.files])
 
     def __delitem__(self, name: str) -> None:
+        if self._last_read is not None and self._last_read[0] == name:
+            self._last_read = None
         if name in self.arrays:
             del self.arrays[name]
         else:

@@ -390,11 +390,11 @@ def _most_sensitive(ctx: StageContext, plan: QuantPlan, hessians: SpillingStore,
     by_name = nodes_by_name(ctx.model.graph)
     scores = {}
     for activation, readers in tqdm(plan.activations.items(), desc="sensitivity", unit="group", leave=False):
+        hessian = hessians[activation]
         for name in readers:
             weight = constant_weight(by_name[name])
             # The plain grid stands in for the pair-safe one: the ranking needs the error's size, not its last bit.
             spec = dataclasses.replace(plan.nodes[name].weights, pair_safe=False)
-            hessian = hessians[activation]
             scores[name] = read_initializer(weight, lambda w: matmul_sensitivity(
                 w, hessian, tokens[activation], spec, plan.activation_spec, ranges.get(activation)))
     ranked = sorted(scores, key=scores.get, reverse=True)[:count]
