@@ -14,7 +14,8 @@
   float model over the same calibration tokens (session creation excluded), measured first;
 - size_mb: model.onnx + external data on disk;
 - prefill_ms: one --prefill_tokens sequence from an empty KV cache in plain ORT, median of 5 after a warm-up;
-- decode_tok_s: --new_tokens greedy tokens through ORT-GenAI after a 128-token prompt.
+- decode_tok_s: --new_tokens greedy tokens through ORT-GenAI after a 128-token prompt, median of 5
+  generations after a warm-up one.
 
 --sweep repeats recipes that use SmoothQuant at each --sq_alphas value and prints a second table.
 Nothing is read from an earlier run.
@@ -256,26 +257,34 @@ def prefill_ms(folder: GenAIFolder, ids: np.ndarray, repeats: int = 5) -> float:
     return 1000 * statistics.median(times)
 
 
-def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens: int) -> float:
-    """Greedy decode of `new_tokens` through ORT-GenAI after the prompt (prompt time excluded)."""
+def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens: int, repeats: int = 5) -> float:
+    """Greedy decode of `new_tokens` through ORT-GenAI after the prompt (prompt time excluded): the
+    median of `repeats` generations after one warm-up generation, all on one loaded model.
+
+    One cold generation moved by ±20% between runs here (2-core machines with neighbours), enough to
+    flip a 2× comparison; the median of warm runs moves by a few percent."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder.path))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": usable_cores()}}}}))
     model = og.Model(config)
     total = len(prompt) + new_tokens
-    params = og.GeneratorParams(model)
-    # min_length keeps EOS from ending the run early, so every run decodes the same count.
-    params.set_search_options(max_length=folder.kv_capacity(total), min_length=total, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt.reshape(1, -1).astype(np.int32))
-    generated = 0
-    start = time.perf_counter()
-    while not generator.is_done() and generated < new_tokens:
-        generator.generate_next_token()
-        generated += 1
-    seconds = time.perf_counter() - start
-    return generated / seconds
+
+    def generate() -> float:
+        params = og.GeneratorParams(model)
+        # min_length keeps EOS from ending the run early, so every run decodes the same count.
+        params.set_search_options(max_length=folder.kv_capacity(total), min_length=total, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt.reshape(1, -1).astype(np.int32))
+        generated = 0
+        start = time.perf_counter()
+        while not generator.is_done() and generated < new_tokens:
+            generator.generate_next_token()
+            generated += 1
+        return generated / (time.perf_counter() - start)
+
+    generate()
+    return statistics.median(generate() for _ in range(repeats))
 
 
 def text_flag(flag: str, path: Path | None) -> list[str]:

@@ -42,16 +42,25 @@ def emit_qdq_weight(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -> 
         return {"codes": rounded.codes, "scale": np.asarray(rounded.scale, np.float32).reshape(grid_shape),
                 "zero_point": np.asarray(rounded.zero_point, spec.numpy_dtype).reshape(grid_shape)}
 
-    lazy = LazyQuantized(weight, compute, parts=3)
+    lazy = LazyQuantized(weight, compute, parts=2 if zero_is_default(spec) else 3)
     codes = add_initializer(graph, f"{weight.name}_quantized", lazy.part("codes"), dtype=spec.element.ir_dtype, shape=(k, n))
     scale = add_initializer(graph, f"{weight.name}_scale", lazy.part("scale"), dtype=ir.DataType.FLOAT, shape=grid_shape)
-    zero_point = add_initializer(graph, f"{weight.name}_zero_point", lazy.part("zero_point"),
-                                 dtype=spec.element.ir_dtype, shape=grid_shape)
+    inputs = [codes, scale]
+    if not zero_is_default(spec):
+        inputs.append(add_initializer(graph, f"{weight.name}_zero_point", lazy.part("zero_point"),
+                                      dtype=spec.element.ir_dtype, shape=grid_shape))
     attributes = {"axis": 1} if per_channel else {}
-    dequant = ir.node("DequantizeLinear", [codes, scale, zero_point], attributes=attributes,
+    dequant = ir.node("DequantizeLinear", inputs, attributes=attributes,
                       name=f"{matmul.name}/weight/DequantizeLinear")
     dequant.outputs[0].name = f"{weight.name}_dequantized"
     dequant.outputs[0].dtype = ir.DataType.FLOAT
     graph.insert_before(matmul, dequant)
     matmul.replace_input_with(1, dequant.outputs[0])
     drop_if_unused(graph, weight)
+
+
+def zero_is_default(spec: QuantSpec) -> bool:
+    """A signed symmetric integer grid's zero point is 0, DequantizeLinear's default, so the weight's
+    DequantizeLinear goes without one: a per-column zero-point vector, even of zeros, sends ORT's fused
+    MatMulIntegerToFloat to its per-column zero-point kernel (8% of decode time on SmolLM2 per channel)."""
+    return spec.symmetric and spec.signed and not spec.element.is_float

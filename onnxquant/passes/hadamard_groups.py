@@ -59,7 +59,6 @@ class HadamardGroupsPass(ir.passes.InPlacePass):
         g = self.group_size
         h = group_rotation(g)
         matrix = add_initializer(graph, f"hadamard_group_{g}", h.astype(np.float32))
-        flat = add_initializer(graph, f"hadamard_group_{g}/flat_shape", np.array([-1, g], dtype=np.int64))
         self.folded, self.online = 0, 0
         for activation, names in self.activations.items():
             readers = [by_name[name] for name in names]
@@ -75,13 +74,14 @@ class HadamardGroupsPass(ir.passes.InPlacePass):
                 continue
             self.online += 1
             prefix = f"{activation}/hadamard_group"
+            k = constant_weight(readers[0]).shape[0]
 
             def rotate(groups: ir.Value, prefix=prefix) -> list[ir.Node]:
                 product = ir.node("MatMul", [groups, matrix], name=f"{prefix}/MatMul")
                 product.outputs[0].name = f"{prefix}/rotated_groups"
                 return [product]
 
-            insert_online_rotation(graph, x, readers, prefix, flat, "groups", rotate, f"hadamard_group_{g}")
+            insert_online_rotation(graph, x, readers, prefix, (k // g, g), "groups", rotate, f"hadamard_group_{g}")
             for reader in readers:
                 transform_initializer(constant_weight(reader), lambda w, h=h: _rotate_row_groups(w, h), blocks_along=1)
         model.metadata_props[HADAMARD_GROUPS_METADATA_KEY] = json.dumps({"group_size": g, "online": self.online,
@@ -89,24 +89,43 @@ class HadamardGroupsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(self.activations))
 
 
-def insert_online_rotation(graph: ir.Graph, x: ir.Value, readers: list[ir.Node], prefix: str, grid_shape: ir.Value,
+def insert_online_rotation(graph: ir.Graph, x: ir.Value, readers: list[ir.Node], prefix: str, grid_dims: tuple[int, ...],
                            grid_name: str, rotate: Callable[[ir.Value], list[ir.Node]], tag: str) -> None:
-    """Make `readers` read x rotated in the graph: Reshape(x, grid_shape) -> the nodes `rotate`
+    """Make `readers` read x rotated in the graph: Reshape(x, [..., *grid_dims]) -> the nodes `rotate`
     builds on that grid (the last one's output is the rotated grid) -> Reshape back to x's shape.
-    The nodes' MatMuls carry ONLINE_ROTATION_KEY = `tag`, so the planner never quantizes them."""
-    shape = ir.node("Shape", [x], name=f"{prefix}/Shape")
+    The nodes' MatMuls carry ONLINE_ROTATION_KEY = `tag`, so the planner never quantizes them.
+
+    A [batch, sequence, K] activation (every decoder's) keeps its leading dims through Reshape's 0s,
+    so the way back is a constant too; otherwise x's shape is read at run time by a Shape node,
+    one more node per token for the executor."""
+    if x.shape is not None and len(x.shape) == 3:
+        grid_shape = _shape_constant(graph, (0, 0, *grid_dims))
+        back_shape = _shape_constant(graph, (0, 0, int(np.prod(grid_dims))))
+        leading: list[ir.Node] = []
+    else:
+        grid_shape = _shape_constant(graph, (-1, *grid_dims))
+        shape = ir.node("Shape", [x], name=f"{prefix}/Shape")
+        shape.outputs[0].name = f"{prefix}/shape"
+        back_shape, leading = shape.outputs[0], [shape]
     grid = ir.node("Reshape", [x, grid_shape], name=f"{prefix}/Reshape")
-    shape.outputs[0].name, grid.outputs[0].name = f"{prefix}/shape", f"{prefix}/{grid_name}"
+    grid.outputs[0].name = f"{prefix}/{grid_name}"
     middle = rotate(grid.outputs[0])
     for node in middle:
         if node.op_type == "MatMul":
             node.metadata_props[ONLINE_ROTATION_KEY] = tag
-    back = ir.node("Reshape", [middle[-1].outputs[0], shape.outputs[0]], name=f"{prefix}/Reshape_back")
+    back = ir.node("Reshape", [middle[-1].outputs[0], back_shape], name=f"{prefix}/Reshape_back")
     back.outputs[0].name = f"{prefix}/rotated"
     back.outputs[0].dtype, back.outputs[0].shape = x.dtype or ir.DataType.FLOAT, x.shape
-    graph.insert_before(readers[0], [shape, grid, *middle, back])
+    graph.insert_before(readers[0], [*leading, grid, *middle, back])
     for reader in readers:
         reader.replace_input_with(0, back.outputs[0])
+
+
+def _shape_constant(graph: ir.Graph, dims: tuple[int, ...]) -> ir.Value:
+    name = "online_rotation/shape_" + "_".join(str(d).replace("-", "m") for d in dims)
+    if name in graph.initializers:
+        return graph.initializers[name]
+    return add_initializer(graph, name, np.array(dims, dtype=np.int64))
 
 
 def _rotate_row_groups(weight: np.ndarray, h: np.ndarray) -> np.ndarray:

@@ -62,10 +62,9 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
                 left, right = _factors(k)
                 a, p = len(left), len(right)
                 constants[k] = (left, right, add_initializer(graph, f"r4_{k}/left_transposed", left.T.astype(np.float32)),
-                                add_initializer(graph, f"r4_{k}/right", right.astype(np.float32)),
-                                add_initializer(graph, f"r4_{k}/split_shape", np.array([-1, a, p], dtype=np.int64)))
+                                add_initializer(graph, f"r4_{k}/right", right.astype(np.float32)))
                 orders[k] = f"{a}x{p}"
-            left, right, left_t, right_v, split = constants[k]
+            left, right, left_t, right_v = constants[k]
             prefix = f"{activation}/r4"
 
             def rotate(grid: ir.Value, prefix=prefix, left_t=left_t, right_v=right_v) -> list[ir.Node]:
@@ -74,7 +73,7 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
                 times_right.outputs[0].name, times_left.outputs[0].name = f"{prefix}/right", f"{prefix}/left"
                 return [times_right, times_left]
 
-            insert_online_rotation(graph, x, readers, prefix, split, "grid", rotate, f"r4_{k}")
+            insert_online_rotation(graph, x, readers, prefix, (len(left), len(right)), "grid", rotate, f"r4_{k}")
             for reader in readers:
                 reader.metadata_props[R4_METADATA_KEY] = orders[k]
                 transform_initializer(constant_weight(reader), lambda w, l=left, r=right: kronecker_rows(w, l, r), blocks_along=1)
