@@ -7,8 +7,9 @@ emitters with RTN / GPTQ rounding). A stage's `prepare` makes changes that leave
 activation as it is (untying the embedding) and returns the observers it needs; if any, one ORT
 calibration pass over the model as it is on disk feeds them; `build` turns the statistics into
 passes, which run through onnx_ir's `Sequential` (their `requires` checks preconditions). A stage
-that changes weights other stages calibrate on is checkpointed: the model is written to a scratch
-folder with its pending transforms and loaded back, and the previous scratch stage is deleted.
+that changes weights is checkpointed before the next calibration pass reads the model (or right
+away for --verify's probe): the model is written to a scratch folder with its pending transforms
+and loaded back, and the previous scratch copy is deleted.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from onnxquant.scale_folding import fold_targets
 from onnxquant.schemes import QuantScheme
 from onnxquant.segments import DEFAULT_SEGMENT_MB
 from onnxquant.spec import QuantSpec
+from onnxquant.timing import PhaseTimes
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class QuantizeReport:
     calibration_passes: int = 0
     calibration_segments: int = 1
     seconds: float = 0.0
+    times: PhaseTimes = field(default_factory=PhaseTimes)
 
     def summary(self, settings: QuantizeSettings, peak_rss_mb: float, size_mb: float) -> str:
         """The one-line summary the CLI prints last."""
@@ -458,59 +461,90 @@ def save_model(model: ir.Model, path: Path) -> None:
 
 def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSettings, samples: np.ndarray | None,
                    scratch: Path, recipe: tuple[Stage, ...] = RECIPE,
-                   after_checkpoint: Callable[[str, Path], None] | None = None) -> QuantizeReport:
+                   after_checkpoint: Callable[[str, Path], None] | None = None,
+                   times: PhaseTimes | None = None) -> QuantizeReport:
     """Run the recipe's stages on `folder`'s model and write the result to `output_model`.
 
-    `after_checkpoint(stage name, model file)` runs on each checkpointed (float) stage's model file.
+    `after_checkpoint(stage name, model file)`, when given, runs on each float stage's model file
+    (each is then checkpointed right away);
+    each phase's seconds add up in `times` (the report's own when None).
     """
     report = QuantizeReport()
+    if times is not None:
+        report.times = times
+    times = report.times
     start = time.perf_counter()
-    model = ir.load(folder.model_file)
+    with times.phase("load"):
+        model = ir.load(folder.model_file)
     if QUANT_METADATA_KEY in model.metadata_props:
         fail(f"{folder.model_file} is already quantized ({model.metadata_props[QUANT_METADATA_KEY]}); "
              "pass the float export instead")
     ctx = StageContext(model, folder.model_file, folder, settings, samples, report, scratch)
+
+    def checkpoint(folder_name: str, phase: str) -> None:
+        previous = ctx.model_path.parent if ctx.model_path.parent.parent == scratch else None
+        ctx.model_path = scratch / folder_name / "model.onnx"
+        with times.phase(phase):
+            save_model(ctx.model, ctx.model_path)
+            ctx.model = ir.load(ctx.model_path)
+        if previous is not None:
+            shutil.rmtree(previous)  # the reloaded model no longer reads it
+
+    # A float stage's changes reach the disk only when something reads them there: the next
+    # calibration pass, or --verify's probe after each stage (a 7 GB write saved at 1.5B otherwise).
+    unsaved = False
     for number, stage in enumerate(s for s in recipe if s.applies(settings)):
         ctx.state = {}
-        observations = stage.prepare(ctx)
+        with times.phase(f"{stage.name}_prepare"):
+            observations = stage.prepare(ctx)
         if observations:
-            run = run_calibration(ctx.model_path, token_sample_reader(ctx.model_path, folder, samples), observations,
-                                  desc=f"calibration ({stage.name})", segment_bytes=settings.segment_bytes,
-                                  on_segment_done=ctx.state.get("segment_done"))
+            if unsaved:
+                checkpoint(f"stage{number}-before-{stage.name}", f"checkpoint_before_{stage.name}")
+                unsaved = False
+            with times.phase(f"{stage.name}_calibration"):
+                run = run_calibration(ctx.model_path, token_sample_reader(ctx.model_path, folder, samples), observations,
+                                      desc=f"calibration ({stage.name})", segment_bytes=settings.segment_bytes,
+                                      on_segment_done=ctx.state.get("segment_done"))
             report.calibration_seconds += run.seconds
             report.calibration_passes += 1
             report.calibration_segments = max(report.calibration_segments, run.segments)
-        run_passes(ctx.model, stage.build(ctx))
+        with times.phase(f"{stage.name}_passes"):
+            run_passes(ctx.model, stage.build(ctx))
         if "fold" in ctx.state:
             report.inserted_muls += ctx.state["fold"].inserted_muls
         if "quantize" in ctx.state:
             report.quantized_nodes = ctx.state["quantize"].quantized_nodes
-        if stage.checkpoint:
-            previous = ctx.model_path.parent if ctx.model_path.parent.parent == scratch else None
-            ctx.model_path = scratch / f"stage{number}-{stage.name}" / "model.onnx"
-            save_model(ctx.model, ctx.model_path)
-            ctx.model = ir.load(ctx.model_path)
-            if after_checkpoint is not None:
+        if stage.checkpoint and after_checkpoint is not None:
+            checkpoint(f"stage{number}-{stage.name}", f"{stage.name}_checkpoint")
+            with times.phase(f"{stage.name}_verify"):
                 after_checkpoint(stage.name, ctx.model_path)
-            if previous is not None:
-                shutil.rmtree(previous)  # the reloaded model no longer reads it
-    if needs_emulation(ctx.model):
+        elif stage.checkpoint:
+            unsaved = True
+    # Weights are rounded (GPTQ included) as they are written, so this phase holds the rounding too.
+    with times.phase("round_and_write"):
+        _save_result(ctx, output_model)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _save_result(ctx: StageContext, output_model: Path) -> None:
+    """Write the quantized model; microscaling models get their standard form beside the CPU-runnable one."""
+    model, ctx.model = ctx.model, None
+    if needs_emulation(model):
         # The standard form is written first; the CPU-runnable form is a pass over it, read back from
         # disk, so no weight is rounded twice.
         standard = output_model.with_name(standard_model_name(output_model.name))
-        opset, ir_version = ctx.model.opset_imports.get("", 0), ctx.model.ir_version
-        ctx.model.opset_imports[""] = max(opset, STANDARD_OPSET)
-        ctx.model.ir_version = max(ctx.model.ir_version or 0, STANDARD_IR_VERSION)
-        save_model(ctx.model, standard)
-        del ctx.model
+        opset, ir_version = model.opset_imports.get("", 0), model.ir_version
+        model.opset_imports[""] = max(opset, STANDARD_OPSET)
+        model.ir_version = max(model.ir_version or 0, STANDARD_IR_VERSION)
+        save_model(model, standard)
+        del model
         emulated = ir.load(standard)
         run_passes(emulated, [EmulateMicroscalingPass()])
         emulated.opset_imports[""], emulated.ir_version = opset, ir_version
         save_model(emulated, output_model)
     else:
-        save_model(ctx.model, output_model)
-    report.seconds = time.perf_counter() - start
-    return report
+        save_model(model, output_model)
 
 
 # The standard form of microscaling models (FLOAT4E2M1 codes, FLOAT8E8M0 scales) needs opset 24+, IR 11+.

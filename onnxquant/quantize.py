@@ -19,6 +19,7 @@ from onnxquant.schemes import ALGORITHMS, SCHEMES, NodeOverride, get_scheme, uin
 from onnxquant.segments import DEFAULT_SEGMENT_MB
 from onnxquant.spec import BLOCK_SIZES, E8M0_ROUNDINGS
 from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
+from onnxquant.timing import PhaseTimes
 from onnxquant.verification import (DEFAULT_COLLAPSE_RATIO, CollapsedModelError, RunVerifier, collapse_message,
                                     held_out_windows)
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
     if args.collapse_ratio < 0 or 0 < args.collapse_ratio <= 1:
         fail(f"--collapse_ratio must be above 1 (or 0 to turn the check off), got {args.collapse_ratio}")
     checks = args.verify or (args.collapse_ratio > 0 and not settings.skip_quantization)
-    samples, verifier = None, None
+    samples, verifier, times = None, None, PhaseTimes()
     if settings.needs_calibration or checks:
         calibrated = args.num_calib_data if settings.needs_calibration else 0
         ids = tokenize_prefix(folder.path, resolve_text(args.calib_data, args.dataset, "validation"),
@@ -173,17 +174,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
         if settings.needs_calibration:
             samples = cut_windows(ids, args.seq_len, args.num_calib_data, "calibration text")
         if checks:
-            verifier = RunVerifier(folder, *held_out_windows(ids, calibrated, args.seq_len, VERIFY_WINDOWS), args.verify,
-                                   settings.segment_bytes)
+            with times.phase("verify_float"):
+                verifier = RunVerifier(folder, *held_out_windows(ids, calibrated, args.seq_len, VERIFY_WINDOWS), args.verify,
+                                       settings.segment_bytes)
     with staged_output_dir(output_dir) as staging, tempfile.TemporaryDirectory(
             prefix=".onnxquant-scratch-", dir=output_dir.absolute().parent) as scratch:
         report = quantize_model(folder, staging / output_name, settings, samples, Path(scratch),
-                                after_checkpoint=verifier.after_stage if verifier else None)
+                                after_checkpoint=verifier.after_stage if verifier and args.verify else None, times=times)
         copy_sidecar_files(folder, staging, output_name)
         if verifier is not None:
-            guard(verifier, staging / output_name, settings, args)
+            with times.phase("verify_result"):
+                guard(verifier, staging / output_name, settings, args)
     size_mb = model_bytes(output_dir, output_name) / 1e6
     standard_mb = model_bytes(output_dir, standard_model_name(output_name)) / 1e6
+    print(times.summary(), flush=True)
     print(report.summary(settings, peak_rss_mb(), size_mb) + (f" standard_size_mb={standard_mb:.1f}" if standard_mb else ""))
     return 0
 

@@ -346,11 +346,17 @@ PAIR_LIMIT = 128
 
 
 def clamp_pairs(codes: np.ndarray) -> None:
-    """In place: where |q[k]| + |q[k+1]| (k even) exceeds PAIR_LIMIT, the larger code gives up the excess."""
+    """In place: where |q[k]| + |q[k+1]| (k even) exceeds PAIR_LIMIT, the larger code gives up the excess.
+
+    Only the few pairs over the limit are touched: the search in `pair_safe_bound` calls this on every
+    candidate grid of every weight, so a whole-array rewrite cost most of INT8 rounding's time."""
     even = codes.shape[0] - codes.shape[0] % 2
     a, b = codes[0:even:2], codes[1:even:2]
-    wide_a, wide_b = a.astype(np.int32), b.astype(np.int32)
-    excess = np.maximum(np.abs(wide_a) + np.abs(wide_b) - PAIR_LIMIT, 0)
+    over = np.nonzero(np.abs(a, dtype=np.int16) + np.abs(b, dtype=np.int16) > PAIR_LIMIT)
+    if not over[0].size:
+        return
+    wide_a, wide_b = a[over].astype(np.int32), b[over].astype(np.int32)
+    excess = np.abs(wide_a) + np.abs(wide_b) - PAIR_LIMIT
     take_a = np.abs(wide_a) >= np.abs(wide_b)
-    a[...] = np.where(take_a, wide_a - np.sign(wide_a) * excess, wide_a).astype(codes.dtype)
-    b[...] = np.where(take_a, wide_b, wide_b - np.sign(wide_b) * excess).astype(codes.dtype)
+    a[over] = np.where(take_a, wide_a - np.sign(wide_a) * excess, wide_a).astype(codes.dtype)
+    b[over] = np.where(take_a, wide_b, wide_b - np.sign(wide_b) * excess).astype(codes.dtype)

@@ -125,7 +125,7 @@ def tiny_int8(tiny_models, tmp_path_factory, calib_text_path):
                         "--output_model_path", str(out / "model.onnx"), "--num_calib_data", "8", "--seq_len", "128",
                         "--calib_data", str(calib_text_path), "--use_moving_average")
     assert result.returncode == 0, result.stderr[-3000:]
-    return out, result.stdout.strip().splitlines()[-1]
+    return out, result.stdout.strip().splitlines()
 
 
 def test_quantized_folder_runs_in_ort_genai_close_to_float(tiny_models, tiny_int8, test_text):
@@ -139,7 +139,8 @@ def test_quantized_folder_runs_in_ort_genai_close_to_float(tiny_models, tiny_int
 
 
 def test_quantized_graph_has_int8_weights_and_qdq_pairs(tiny_int8):
-    out, summary = tiny_int8
+    out, lines = tiny_int8
+    summary = lines[-1]
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
@@ -151,6 +152,16 @@ def test_quantized_graph_has_int8_weights_and_qdq_pairs(tiny_int8):
     assert all(init.data_type != TensorProto.FLOAT or init.dims in ([], [1]) or len(init.dims) == 1
                for init in graph.initializer if init.name.endswith("weight"))
     assert re.fullmatch(r"quantized=\d+ nodes config=INT8_TRANSFORMER_DEFAULT seconds=[\d.]+ peak_rss_mb=\d+ size_mb=[\d.]+", summary)
+
+
+def test_time_line_accounts_for_the_run(tiny_int8):
+    """The `time:` line names the calibration and the write, and its phases add up to no more than the run."""
+    _, lines = tiny_int8
+    phases = dict(re.findall(r"(\w+)=([\d.]+)s", lines[-2]))
+    assert lines[-2].startswith("time: ") and {"quantize_calibration", "round_and_write"} <= phases.keys()
+    total = float(re.search(r"seconds=([\d.]+)", lines[-1]).group(1))
+    inside = sum(float(v) for k, v in phases.items() if not k.startswith("verify"))
+    assert 0.5 * total <= inside <= total + 0.2
 
 
 def _peak_rss(tiny_models, tmp_path, calib_text_path, samples):
