@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None, prog: str = "python tools/benchmark.py")
                f"calibration floor {bench.floor_s:.1f} s. Evaluation: first {args.blocks} blocks x {args.block_size} "
                f"of {text_name(args.eval_data, 'test')}.\nCommand: `{command}`")
     def meaning(name: str) -> str:
-        extra = f" (alpha {default_alpha(name):g}, the scheme's default)" if RECIPES[name].uses_sq else ""
+        chosen = RECIPES[name].uses_sq and "--sq_alpha" not in RECIPES[name].flags
+        extra = f" (alpha {default_alpha(name):g}, the scheme's default)" if chosen else ""
         return RECIPES[name].meaning + extra
 
     text = heading + "\n\n" + markdown_table(rows) + "\n\nRecipes:\n" + "\n".join(
