@@ -96,7 +96,6 @@ class QuantizeReport:
     calibration_passes: int = 0
     calibration_segments: int = 1
     seconds: float = 0.0
-    times: PhaseTimes = field(default_factory=PhaseTimes)
 
     def summary(self, settings: QuantizeSettings, peak_rss_mb: float, size_mb: float) -> str:
         """The one-line summary the CLI prints last."""
@@ -466,13 +465,10 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
     """Run the recipe's stages on `folder`'s model and write the result to `output_model`.
 
     `after_checkpoint(stage name, model file)`, when given, runs on each float stage's model file
-    (each is then checkpointed right away);
-    each phase's seconds add up in `times` (the report's own when None).
+    (each is then checkpointed right away); each phase's seconds add up in `times`, when given.
     """
     report = QuantizeReport()
-    if times is not None:
-        report.times = times
-    times = report.times
+    times = times if times is not None else PhaseTimes()
     start = time.perf_counter()
     with times.phase("load"):
         model = ir.load(folder.model_file)
