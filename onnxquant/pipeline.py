@@ -377,7 +377,7 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
     description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}
     if ctx.report.kept_float:
         description["kept_float"] = ctx.report.kept_float
-    quantize = QuantizeGraphPass(plan, ranges, description, rounder, scheme.accuracy_level)
+    quantize = QuantizeGraphPass(plan, ranges, description, rounder, scheme.accuracy_level, scheme.column_scales)
     ctx.state["quantize"] = quantize
     return passes + [quantize]
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from onnxquant.cli import HelpFormatter
 from onnxquant.data import cut_windows, resolve_text, tokenize_prefix
+from onnxquant.emitters.qdq import has_column_scales
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import copy_sidecar_files, model_bytes, open_genai_folder, standard_model_name
 from onnxquant.memory import peak_rss_mb
 from onnxquant.pipeline import QuantizeSettings, RotationSettings, quantize_model
-from onnxquant.schemes import ALGORITHMS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
+from onnxquant.schemes import ALGORITHMS, COLUMN_SCALE_PLACEMENTS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
 from onnxquant.segments import DEFAULT_SEGMENT_MB
 from onnxquant.spec import BLOCK_SIZES, E8M0_ROUNDINGS
 from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
@@ -39,6 +40,10 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
         help="weight rounding (default rtn); gptq for every scheme, awq for the weight-only ones")
     add("--accuracy_level", type=int, default=0, help="MatMulNBits accuracy_level: 0, 1, 2 or 4 (int8 compute)")
     add("--clip_search", action="store_true", help="RTN: per-block clip ratio minimizing the block's error")
+    add("--column_scales", choices=COLUMN_SCALE_PLACEMENTS, default=None,
+        help="per-channel int8 weights: apply the column scales by a Mul after an integer MatMul with one scalar "
+             "scale (default; faster decode on ORT's CPU kernels) or inside the fused kernel (in_kernel; no extra "
+             "pass over the output, for prefill-heavy use)")
     add("--mx_scale_rounding", choices=E8M0_ROUNDINGS, default=None,
         help="MX schemes: E8M0 block scales by OCP's floor rule (default; a block's largest values may saturate) "
              "or rceil (the smallest power of two that does not saturate)")
@@ -119,6 +124,9 @@ def settings_from_args(args) -> QuantizeSettings:
             fail(f"{flag} applies to the blocked weight schemes ({blocked_schemes}), not {scheme.name}")
     if args.block_size is not None and args.block_size not in BLOCK_SIZES:
         fail(f"--block_size {args.block_size} is not a power of two in 16..256; use one of {', '.join(map(str, BLOCK_SIZES))}")
+    if args.column_scales is not None and not has_column_scales(scheme.weights):
+        per_channel = ", ".join(name for name, s in SCHEMES.items() if has_column_scales(s.weights))
+        fail(f"--column_scales applies to the per-channel int8 weight schemes ({per_channel}), not {scheme.name}")
     if args.accuracy_level not in (0, 1, 2, 4):
         fail(f"--accuracy_level {args.accuracy_level} is not 0, 1, 2 or 4")
     if args.mx_scale_rounding is not None:
@@ -130,7 +138,8 @@ def settings_from_args(args) -> QuantizeSettings:
     scheme = scheme.with_block_size(block_size) if blocked else scheme
     overrides = [NodeOverride(p, uint8_blocks(block_size)) for p in args.int8_nodes] + [NodeOverride(p) for p in args.exclude]
     scheme = dataclasses.replace(scheme, overrides=tuple(overrides), algo=args.algo or scheme.algo,
-                                 accuracy_level=args.accuracy_level, clip_search=args.clip_search)
+                                 accuracy_level=args.accuracy_level, clip_search=args.clip_search,
+                                 column_scales=args.column_scales or scheme.column_scales)
     rotation = RotationSettings(Path(args.r_config_path) if args.r_config_path else None, args.hidden_size,
                                 args.use_random_had, args.seed) if args.include_rotation else None
     sq_alpha, sq_alpha_search = None, args.sq_alpha == "auto"

@@ -54,6 +54,10 @@ class Calibration:
 
 
 ALGORITHMS = ("rtn", "awq", "gptq")
+# A symmetric per-column int8 weight's scales: multiplied into the MatMul's float output by a Mul
+# ("after_matmul": the integer kernel takes one scalar scale, its fast path at one token) or handed
+# to the fused kernel as a vector ("in_kernel": no extra pass over the output, which long prompts favour).
+COLUMN_SCALE_PLACEMENTS = ("after_matmul", "in_kernel")
 
 
 @dataclass(frozen=True)
@@ -69,10 +73,13 @@ class QuantScheme:
     algo: str = "rtn"  # how weights are rounded: rtn, awq or gptq
     accuracy_level: int = 0  # MatMulNBits compute type (4: int8 activations per block at run time)
     clip_search: bool = False  # RTN: search a per-block clip ratio minimizing the block's error
+    column_scales: str = "after_matmul"  # where per-column int8 weight scales apply (COLUMN_SCALE_PLACEMENTS)
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algo!r}")
+        if self.column_scales not in COLUMN_SCALE_PLACEMENTS:
+            raise ValueError(f"unknown column scale placement {self.column_scales!r}")
         if (self.activations is not None and self.weights.granularity == "per_block"
                 and not (self.weights.is_float and self.activations.granularity == "per_block")):
             raise ValueError("integer blocked weights are weight-only here (MatMulNBits); drop the activation spec")

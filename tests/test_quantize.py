@@ -118,6 +118,40 @@ def test_per_tensor_scales_are_max_abs_over_127_on_a_toy_graph(tmp_path):
     assert session.run(None, {"x": x})[0] == pytest.approx(x @ weight, abs=0.1)
 
 
+def test_column_scales_after_the_matmul_give_the_in_kernel_products(tmp_path):
+    """Per-channel weights: Mul(MatMul(X, DQ(W_q, 1.0)), scales) computes what DQ(W_q, scales, axis=1)
+    does, the graph output keeps its name, and the integer kernel sees one scalar scale."""
+    rng = np.random.default_rng(1)
+    weight = (rng.normal(size=(4, 3)) * [0.01, 1.0, 100.0]).astype(np.float32)
+    _toy_matmul_model(tmp_path / "toy.onnx", weight)
+    x = rng.normal(size=(5, 4)).astype(np.float32)
+    outputs, graphs = {}, {}
+    for placement in ("after_matmul", "in_kernel"):
+        model = ir.load(tmp_path / "toy.onnx")
+        plan = plan_quantization(model.graph, SCHEMES["INT8_PER_CHANNEL"])
+        QuantizeGraphPass(plan, {"x": (float(x.min()), float(x.max()))}, {"config": "INT8_PER_CHANNEL"},
+                          column_scales=placement)(model)
+        ir.save(model, tmp_path / f"{placement}.onnx")
+        outputs[placement] = make_session(tmp_path / f"{placement}.onnx").run(["y"], {"x": x})[0]
+        graphs[placement] = onnx.load(str(tmp_path / f"{placement}.onnx")).graph
+    np.testing.assert_allclose(outputs["after_matmul"], outputs["in_kernel"], rtol=1e-6)
+    after = graphs["after_matmul"]
+    mul = next(n for n in after.node if n.op_type == "Mul")
+    matmul = next(n for n in after.node if n.op_type == "MatMul")
+    weight_dq = next(n for n in after.node if n.output[0] == matmul.input[1])
+    scalars = {i.name for i in after.initializer if list(i.dims) == []}
+    assert mul.input[0] == matmul.output[0] and mul.output[0] == "y" and weight_dq.input[1] in scalars
+    assert not any(n.op_type == "Mul" for n in graphs["in_kernel"].node)
+
+
+def test_column_scales_flag_needs_a_per_channel_scheme(tiny_input, tmp_path, calib_text_path):
+    result = _quantize("--input_model_path", tiny_input, "--output_model_path", str(tmp_path / "o"),
+                       "--config", "INT8_TRANSFORMER_DEFAULT", "--column_scales", "in_kernel",
+                       "--calib_data", str(calib_text_path))
+    assert_user_error(result, "--column_scales applies to the per-channel int8 weight schemes")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_models, tmp_path_factory, calib_text_path):
     out = tmp_path_factory.mktemp("q") / "int8"

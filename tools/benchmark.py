@@ -13,9 +13,10 @@
 - quant_vs_floor: quant_s / the calibration floor, the seconds of one plain ORT forward pass of the
   float model over the same calibration tokens (session creation excluded), measured first;
 - size_mb: model.onnx + external data on disk;
-- prefill_ms: one --prefill_tokens sequence from an empty KV cache in plain ORT, median of 5 after a warm-up;
-- decode_tok_s: --new_tokens greedy tokens through ORT-GenAI after a 128-token prompt, median of 5
-  generations after a warm-up one.
+- prefill_ms: one --prefill_tokens sequence from an empty KV cache in plain ORT;
+- decode_tok_s: --new_tokens greedy tokens through ORT-GenAI after a 128-token prompt;
+  both the median of 5 rounds taken once every model is built, each round timing every model once
+  after a warm-up run (interleaved, so a busy spell on a shared machine hits all models alike).
 
 --sweep repeats recipes that use SmoothQuant at each --sq_alphas value and prints a second table.
 Nothing is read from an earlier run.
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from onnxquant.cli import HelpFormatter
 from onnxquant.data import EMBEDDED_SPLITS, calibration_windows, resolve_text, tokenize
@@ -44,6 +46,7 @@ from onnxquant.genai_folder import GenAIFolder, model_bytes, open_genai_folder, 
 from onnxquant.runtime import input_specs, make_session, prefill_feeds, usable_cores
 from onnxquant.schemes import SCHEMES
 
+SPEED_ROUNDS = 5
 COLUMNS = ("config", "ppl", "delta_pct", "quant_s", "quant_vs_floor", "peak_rss_mb", "size_mb", "prefill_ms", "decode_tok_s")
 
 
@@ -104,6 +107,10 @@ RECIPES = {r.name: r for r in (
     Recipe("int8_pc+r1+sq_auto+r4+gptq+h64", "INT8_PER_CHANNEL + R1 + SmoothQuant with per-activation alpha + R4 + GPTQ + groups of 64 "
            "(the README main job)",
            _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64")),
+    Recipe("int8_pc+r1+sq_auto+r4+gptq+h64+ik", "the main job with --column_scales in_kernel (per-column scales inside "
+           "the fused integer kernel, the form before this round)",
+           _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64",
+              "--column_scales", "in_kernel")),
     Recipe("int8_pc+r1+sq+r4+gptq+h64", "INT8_PER_CHANNEL + R1 + SmoothQuant + R4 + GPTQ + groups of 64",
            _q("INT8_PER_CHANNEL", R1, SQ, "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64")),
     Recipe("int8+r1+sq+r4+gptq+h64", "INT8_TRANSFORMER_DEFAULT + R1 + SmoothQuant + R4 + GPTQ + groups of 64",
@@ -180,8 +187,8 @@ class Row:
     quant_vs_floor: float | None = None
     peak_rss_mb: float | None = None
     size_mb: float = 0.0
-    prefill_ms: float = 0.0
-    decode_tok_s: float = 0.0
+    prefill_ms: float | None = None  # filled by measure_speeds once every model is built
+    decode_tok_s: float | None = None
     extra: dict = field(default_factory=dict)
 
     def cells(self) -> list[str]:
@@ -192,7 +199,7 @@ class Row:
             return [self.config, "crashed", "–", "–", "–", "–", "–", "–", self.extra["summary"].replace("|", "/")]
         return [self.config, f"{self.ppl:.4f}", f"{self.delta_pct:+.2f}", fmt(self.quant_s, ".1f"),
                 fmt(self.quant_vs_floor, ".2f"), fmt(self.peak_rss_mb, ".0f"), f"{self.size_mb:.1f}",
-                f"{self.prefill_ms:.0f}", f"{self.decode_tok_s:.1f}"]
+                fmt(self.prefill_ms, ".0f"), fmt(self.decode_tok_s, ".1f")]
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -245,10 +252,12 @@ def calibration_floor(folder: GenAIFolder, samples: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-def prefill_ms(folder: GenAIFolder, ids: np.ndarray, repeats: int = 5) -> float:
+def prefill_ms(folder: GenAIFolder, ids: np.ndarray, repeats: int = 1) -> float:
+    """Milliseconds of one prefill of `ids` in plain ORT: the median of `repeats` runs after a warm-up
+    one (first-run allocations) on one session."""
     session = make_session(folder.model_file)
     feeds = prefill_feeds(input_specs(session), folder, ids.reshape(1, -1))
-    session.run(["logits"], feeds)  # warm-up: first-run allocations
+    session.run(["logits"], feeds)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -257,12 +266,9 @@ def prefill_ms(folder: GenAIFolder, ids: np.ndarray, repeats: int = 5) -> float:
     return 1000 * statistics.median(times)
 
 
-def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens: int, repeats: int = 5) -> float:
+def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens: int, repeats: int = 1) -> float:
     """Greedy decode of `new_tokens` through ORT-GenAI after the prompt (prompt time excluded): the
-    median of `repeats` generations after one warm-up generation, all on one loaded model.
-
-    One cold generation moved by ±20% between runs here (2-core machines with neighbours), enough to
-    flip a 2× comparison; the median of warm runs moves by a few percent."""
+    median of `repeats` generations after one warm-up generation, all on one loaded model."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder.path))
@@ -285,6 +291,24 @@ def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens
 
     generate()
     return statistics.median(generate() for _ in range(repeats))
+
+
+def measure_speeds(measured: list[tuple[Row, GenAIFolder]], prefill_ids: np.ndarray, prompt: np.ndarray,
+                   new_tokens: int, rounds: int = SPEED_ROUNDS) -> None:
+    """Fill every row's prefill_ms and decode_tok_s with the median of `rounds` samples, taken in
+    interleaved rounds: each round times every model once (prefill, then decode, each after a warm-up
+    run), so a busy spell on a shared machine lands on all models alike instead of on whichever one
+    was being timed. Timed one model after another, minutes apart, the same quantized model's decode
+    moved by +-25% here and flipped the ratios to float."""
+    prefill: dict[int, list[float]] = {i: [] for i in range(len(measured))}
+    decode: dict[int, list[float]] = {i: [] for i in range(len(measured))}
+    for _ in tqdm(range(rounds), desc="speed rounds", unit="round"):
+        for i, (_, folder) in enumerate(measured):
+            prefill[i].append(prefill_ms(folder, prefill_ids))
+            decode[i].append(decode_tokens_per_second(folder, prompt, new_tokens))
+    for i, (row, _) in enumerate(measured):
+        row.prefill_ms, row.decode_tok_s = statistics.median(prefill[i]), statistics.median(decode[i])
+        row.extra["decode_spread"] = (min(decode[i]), max(decode[i]))
 
 
 def text_flag(flag: str, path: Path | None) -> list[str]:
@@ -320,17 +344,21 @@ class Bench:
               "(one plain ORT forward pass of the float model)", flush=True)
         self.float_ppl: float | None = None
 
-    def speed(self, folder: GenAIFolder, row: Row) -> None:
+        self.folders: dict[int, GenAIFolder] = {}  # id(row) -> its model, for measure_speeds
+
+    def keep(self, folder: GenAIFolder, row: Row) -> Row:
         row.size_mb = model_size_mb(folder)
-        row.prefill_ms = prefill_ms(folder, self.prefill_ids)
-        row.decode_tok_s = decode_tokens_per_second(folder, self.prompt, self.args.new_tokens)
+        self.folders[id(row)] = folder
+        return row
+
+    def speeds(self, rows: list[Row]) -> None:
+        measured = [(row, self.folders[id(row)]) for row in rows if id(row) in self.folders]
+        measure_speeds(measured, self.prefill_ids, self.prompt, self.args.new_tokens)
 
     def measure_float(self, blocks: int) -> Row:
         ppl = perplexity(self.float_folder.path, self.args, blocks, self.args.workdir / "float.validate.log")
         self.float_ppl = ppl
-        row = Row("float", ppl)
-        self.speed(self.float_folder, row)
-        return row
+        return self.keep(self.float_folder, Row("float", ppl))
 
     def measure(self, label: str, flags: tuple[str, ...], blocks: int, peer: str | None = None) -> Row:
         out = self.args.workdir / label.replace("+", "_")
@@ -352,8 +380,14 @@ class Bench:
         ppl = perplexity(out, self.args, blocks, self.args.workdir / f"{out.name}.validate.log")
         row = Row(label, ppl, 100 * (ppl / self.float_ppl - 1), quant_s, quant_s / self.floor_s, rss_mb)
         row.extra["summary"] = stdout.strip().splitlines()[-1] if stdout.strip() else ""
-        self.speed(folder, row)
-        return row
+        return self.keep(folder, row)
+
+
+def speed_note(rows: list[Row]) -> str:
+    spreads = ", ".join(f"{row.config} {low:.1f}–{high:.1f}" for row in rows
+                        for low, high in [row.extra["decode_spread"]] if "decode_spread" in row.extra)
+    return (f"Speed: prefill_ms and decode_tok_s are medians of {SPEED_ROUNDS} interleaved rounds (every model "
+            f"timed once per round, after a warm-up run). decode_tok_s min–max over the rounds: {spreads}.")
 
 
 def export_default(workdir: Path) -> Path:
@@ -489,13 +523,13 @@ def main(argv: list[str] | None = None, prog: str = "python tools/benchmark.py")
         rows.append(bench.measure(name, RECIPES[name].flags, args.blocks, RECIPES[name].peer))
         print(markdown_table(rows[-1:]).splitlines()[-1], rows[-1].extra["summary"], flush=True)
 
+    bench.speeds(rows)
+
     sweep_rows: list[Row] = []
     sweep_blocks = args.sweep_blocks or args.blocks
     if args.sweep:
         if sweep_blocks != args.blocks:
-            bench.measure_float(sweep_blocks)
-            sweep_rows.append(Row("float", bench.float_ppl))
-            bench.speed(float_folder, sweep_rows[-1])
+            sweep_rows.append(bench.measure_float(sweep_blocks))
         measured = {row.config: row for row in rows}
         for name in args.sweep:
             for alpha in args.sq_alphas:
@@ -506,6 +540,8 @@ def main(argv: list[str] | None = None, prog: str = "python tools/benchmark.py")
                 else:
                     sweep_rows.append(bench.measure(label, RECIPES[name].flags + ("--sq_alpha", str(alpha)), sweep_blocks))
                 print(markdown_table(sweep_rows[-1:]).splitlines()[-1], flush=True)
+
+    bench.speeds([row for row in sweep_rows if row.decode_tok_s is None])
 
     machine = f"{usable_cores()} CPU cores ({cpu_name()}; ISA: {isa_flags()}), {platform.system()} {platform.machine()}"
     command = " ".join([prog, *argv])
@@ -519,7 +555,7 @@ def main(argv: list[str] | None = None, prog: str = "python tools/benchmark.py")
         extra = f" (alpha {default_alpha(name):g}, the scheme's default)" if chosen else ""
         return RECIPES[name].meaning + extra
 
-    text = heading + "\n\n" + markdown_table(rows) + "\n\nRecipes:\n" + "\n".join(
+    text = heading + "\n\n" + markdown_table(rows) + "\n\n" + speed_note(rows) + "\n\nRecipes:\n" + "\n".join(
         f"- `{name}`: {meaning(name)}" for name in args.configs)
     if sweep_rows:
         text += (f"\n\nSmoothQuant alpha sweep (first {sweep_blocks} blocks; `recipe@alpha`):\n\n" + markdown_table(sweep_rows))

@@ -3,8 +3,9 @@
 `EMITTERS[(op, format)]` maps a planned op ("MatMul", "Gather") and the format its grid calls for
 to the function that rewrites the node:
 
-- ("MatMul", "qdq"): int8 weight + DequantizeLinear (per tensor or per output channel), with the
-  activation's Q/DQ pair written once per activation group (`emit_activation_qdq`).
+- ("MatMul", "qdq"): int8 weight + DequantizeLinear (per tensor or per output channel; symmetric
+  per-channel scales by default multiply the MatMul's output instead), with the activation's Q/DQ
+  pair written once per activation group (`emit_activation_qdq`).
 - ("MatMul", "blocked"): com.microsoft MatMulNBits, 4 or 8 bits per block of K.
 - ("Gather", "rows"): int8 embedding rows gathered first and scaled after.
 - ("Gather", "blocked"): com.microsoft GatherBlockQuantized, 4-bit blocks along the hidden axis.
@@ -41,6 +42,7 @@ class EmitContext:
     graph: ir.Graph
     rounder: WeightRounder = nearest_rounder
     accuracy_level: int = 0
+    column_scales: str = "after_matmul"  # schemes.COLUMN_SCALE_PLACEMENTS
 
 
 class LazyQuantized:

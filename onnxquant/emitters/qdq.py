@@ -30,12 +30,18 @@ def emit_activation_qdq(graph: ir.Graph, readers: list[ir.Node], name: str, spec
 
 def emit_qdq_weight(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -> None:
     """W -> int8 W_q and `DequantizeLinear(W_q, scale, zero_point)` feeding the MatMul (per tensor,
-    or per output column with axis=1)."""
+    or per output column with axis=1).
+
+    A symmetric per-column weight under ctx.column_scales == "after_matmul" is written as
+    `Mul(MatMul(X, DequantizeLinear(W_q, 1.0)), scale)` instead: the same products (each output
+    column times its own scale), but ORT fuses the MatMul into an integer kernel with one scalar
+    scale, which runs a one-token product 10-40% faster than its per-column form here."""
     graph, spec = ctx.graph, planned.weights
     weight = constant_weight(matmul)
     k, n = weight.shape
     per_channel = spec.granularity == "per_channel"
     grid_shape = (n,) if per_channel else ()
+    scales_after = has_column_scales(spec) and ctx.column_scales == "after_matmul"
 
     def compute(array: np.ndarray) -> dict[str, np.ndarray]:
         rounded = ctx.rounder(matmul.name, array, spec)
@@ -45,11 +51,11 @@ def emit_qdq_weight(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -> 
     lazy = LazyQuantized(weight, compute, parts=2 if zero_is_default(spec) else 3)
     codes = add_initializer(graph, f"{weight.name}_quantized", lazy.part("codes"), dtype=spec.element.ir_dtype, shape=(k, n))
     scale = add_initializer(graph, f"{weight.name}_scale", lazy.part("scale"), dtype=ir.DataType.FLOAT, shape=grid_shape)
-    inputs = [codes, scale]
+    inputs = [codes, _unit_scale(graph) if scales_after else scale]
     if not zero_is_default(spec):
         inputs.append(add_initializer(graph, f"{weight.name}_zero_point", lazy.part("zero_point"),
                                       dtype=spec.element.ir_dtype, shape=grid_shape))
-    attributes = {"axis": 1} if per_channel else {}
+    attributes = {"axis": 1} if per_channel and not scales_after else {}
     dequant = ir.node("DequantizeLinear", inputs, attributes=attributes,
                       name=f"{matmul.name}/weight/DequantizeLinear")
     dequant.outputs[0].name = f"{weight.name}_dequantized"
@@ -57,6 +63,39 @@ def emit_qdq_weight(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -> 
     graph.insert_before(matmul, dequant)
     matmul.replace_input_with(1, dequant.outputs[0])
     drop_if_unused(graph, weight)
+    if scales_after:
+        _scale_output_columns(graph, matmul, scale)
+
+
+def _unit_scale(graph: ir.Graph) -> ir.Value:
+    name = "qdq/unit_weight_scale"
+    if name in graph.initializers:
+        return graph.initializers[name]
+    return add_initializer(graph, name, np.array(1.0, np.float32))
+
+
+def _scale_output_columns(graph: ir.Graph, matmul: ir.Node, scale: ir.Value) -> None:
+    """The MatMul's readers read `Mul(MatMul's output, scale)`; the output keeps its name, so
+    graph outputs (logits) and the builder's names stay as they were."""
+    output = matmul.outputs[0]
+    name, uses = output.name, list(output.uses())
+    output.name = f"{name}/unscaled"
+    mul = ir.node("Mul", [output, scale], name=f"{matmul.name}/column_scales")
+    scaled = mul.outputs[0]
+    scaled.dtype, scaled.shape = output.dtype or ir.DataType.FLOAT, output.shape
+    for user, index in uses:
+        user.replace_input_with(index, scaled)
+    graph_outputs = graph.outputs
+    for i, graph_output in enumerate(graph_outputs):
+        if graph_output is output:
+            graph_outputs[i] = scaled
+    scaled.name = name
+    graph.insert_after(matmul, mul)
+
+
+def has_column_scales(spec: QuantSpec) -> bool:
+    """Per-output-column scales on a symmetric signed integer grid (no zero point)."""
+    return spec.granularity == "per_channel" and zero_is_default(spec)
 
 
 def zero_is_default(spec: QuantSpec) -> bool:

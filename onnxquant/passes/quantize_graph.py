@@ -24,13 +24,15 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, plan: QuantPlan, ranges: dict[str, tuple[float, float]], description: dict,
-                 rounder: WeightRounder = nearest_rounder, accuracy_level: int = 0):
+                 rounder: WeightRounder = nearest_rounder, accuracy_level: int = 0,
+                 column_scales: str = "after_matmul"):
         super().__init__()
         self.plan = plan
         self.ranges = ranges
         self.description = description
         self.rounder = rounder
         self.accuracy_level = accuracy_level
+        self.column_scales = column_scales
         self.quantized_nodes = 0
 
     def requires(self, model: ir.Model) -> None:
@@ -44,7 +46,7 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         by_name = nodes_by_name(graph)
-        ctx = EmitContext(graph, self.rounder, self.accuracy_level)
+        ctx = EmitContext(graph, self.rounder, self.accuracy_level, self.column_scales)
         spec = self.plan.activation_spec
         if spec is not None:
             dynamic = spec.granularity == "per_block"
