@@ -98,3 +98,11 @@ def add_initializer(graph: ir.Graph, name: str, array_or_lazy, dtype: ir.DataTyp
     value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape))
     graph.register_initializer(value)
     return value
+
+
+def shared_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """The graph's initializer `name`, registered with `array` by the first caller; a constant every
+    rewrite of one kind reads (a reshape target, a unit scale) is stored once."""
+    if name in graph.initializers:
+        return graph.initializers[name]
+    return add_initializer(graph, name, array)

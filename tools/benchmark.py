@@ -190,6 +190,7 @@ class Row:
     prefill_ms: float | None = None  # filled by measure_speeds once every model is built
     decode_tok_s: float | None = None
     extra: dict = field(default_factory=dict)
+    model: GenAIFolder | None = None  # the measured folder, timed by measure_speeds
 
     def cells(self) -> list[str]:
         def fmt(value, spec):
@@ -252,23 +253,20 @@ def calibration_floor(folder: GenAIFolder, samples: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-def prefill_ms(folder: GenAIFolder, ids: np.ndarray, repeats: int = 1) -> float:
-    """Milliseconds of one prefill of `ids` in plain ORT: the median of `repeats` runs after a warm-up
-    one (first-run allocations) on one session."""
+def prefill_ms(folder: GenAIFolder, ids: np.ndarray) -> float:
+    """Milliseconds of one prefill of `ids` in plain ORT, timed after a warm-up run (first-run
+    allocations) on the same session."""
     session = make_session(folder.model_file)
     feeds = prefill_feeds(input_specs(session), folder, ids.reshape(1, -1))
     session.run(["logits"], feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(["logits"], feeds)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    start = time.perf_counter()
+    session.run(["logits"], feeds)
+    return 1000 * (time.perf_counter() - start)
 
 
-def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens: int, repeats: int = 1) -> float:
-    """Greedy decode of `new_tokens` through ORT-GenAI after the prompt (prompt time excluded): the
-    median of `repeats` generations after one warm-up generation, all on one loaded model."""
+def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens: int) -> float:
+    """Greedy decode of `new_tokens` through ORT-GenAI after the prompt (prompt time excluded), timed
+    after a warm-up generation on the same loaded model."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder.path))
@@ -290,25 +288,25 @@ def decode_tokens_per_second(folder: GenAIFolder, prompt: np.ndarray, new_tokens
         return generated / (time.perf_counter() - start)
 
     generate()
-    return statistics.median(generate() for _ in range(repeats))
+    return generate()
 
 
-def measure_speeds(measured: list[tuple[Row, GenAIFolder]], prefill_ids: np.ndarray, prompt: np.ndarray,
+def measure_speeds(rows: list[Row], prefill_ids: np.ndarray, prompt: np.ndarray,
                    new_tokens: int, rounds: int = SPEED_ROUNDS) -> None:
     """Fill every row's prefill_ms and decode_tok_s with the median of `rounds` samples, taken in
     interleaved rounds: each round times every model once (prefill, then decode, each after a warm-up
     run), so a busy spell on a shared machine lands on all models alike instead of on whichever one
     was being timed. Timed one model after another, minutes apart, the same quantized model's decode
     moved by +-25% here and flipped the ratios to float."""
-    prefill: dict[int, list[float]] = {i: [] for i in range(len(measured))}
-    decode: dict[int, list[float]] = {i: [] for i in range(len(measured))}
+    prefill: list[list[float]] = [[] for _ in rows]
+    decode: list[list[float]] = [[] for _ in rows]
     for _ in tqdm(range(rounds), desc="speed rounds", unit="round"):
-        for i, (_, folder) in enumerate(measured):
-            prefill[i].append(prefill_ms(folder, prefill_ids))
-            decode[i].append(decode_tokens_per_second(folder, prompt, new_tokens))
-    for i, (row, _) in enumerate(measured):
-        row.prefill_ms, row.decode_tok_s = statistics.median(prefill[i]), statistics.median(decode[i])
-        row.extra["decode_spread"] = (min(decode[i]), max(decode[i]))
+        for row, prefills, decodes in zip(rows, prefill, decode):
+            prefills.append(prefill_ms(row.model, prefill_ids))
+            decodes.append(decode_tokens_per_second(row.model, prompt, new_tokens))
+    for row, prefills, decodes in zip(rows, prefill, decode):
+        row.prefill_ms, row.decode_tok_s = statistics.median(prefills), statistics.median(decodes)
+        row.extra["decode_spread"] = (min(decodes), max(decodes))
 
 
 def text_flag(flag: str, path: Path | None) -> list[str]:
@@ -344,16 +342,15 @@ class Bench:
               "(one plain ORT forward pass of the float model)", flush=True)
         self.float_ppl: float | None = None
 
-        self.folders: dict[int, GenAIFolder] = {}  # id(row) -> its model, for measure_speeds
-
     def keep(self, folder: GenAIFolder, row: Row) -> Row:
-        row.size_mb = model_size_mb(folder)
-        self.folders[id(row)] = folder
+        row.size_mb, row.model = model_size_mb(folder), folder
         return row
 
     def speeds(self, rows: list[Row]) -> None:
-        measured = [(row, self.folders[id(row)]) for row in rows if id(row) in self.folders]
-        measure_speeds(measured, self.prefill_ids, self.prompt, self.args.new_tokens)
+        """Time every built model among `rows` that has no speed yet (a sweep row copied from the
+        main table has its row's)."""
+        measure_speeds([row for row in rows if row.model is not None and row.decode_tok_s is None],
+                       self.prefill_ids, self.prompt, self.args.new_tokens)
 
     def measure_float(self, blocks: int) -> Row:
         ppl = perplexity(self.float_folder.path, self.args, blocks, self.args.workdir / "float.validate.log")
@@ -541,7 +538,7 @@ def main(argv: list[str] | None = None, prog: str = "python tools/benchmark.py")
                     sweep_rows.append(bench.measure(label, RECIPES[name].flags + ("--sq_alpha", str(alpha)), sweep_blocks))
                 print(markdown_table(sweep_rows[-1:]).splitlines()[-1], flush=True)
 
-    bench.speeds([row for row in sweep_rows if row.decode_tok_s is None])
+    bench.speeds(sweep_rows)
 
     machine = f"{usable_cores()} CPU cores ({cpu_name()}; ISA: {isa_flags()}), {platform.system()} {platform.machine()}"
     command = " ".join([prog, *argv])

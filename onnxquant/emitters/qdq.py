@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant.emitters import EmitContext, LazyQuantized, drop_if_unused
-from onnxquant.graph_utils import add_initializer
+from onnxquant.graph_utils import add_initializer, shared_initializer
 from onnxquant.patterns import constant_weight
 from onnxquant.plan import PlannedNode
 from onnxquant.spec import QuantSpec, quant_params
@@ -51,7 +51,10 @@ def emit_qdq_weight(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -> 
     lazy = LazyQuantized(weight, compute, parts=2 if zero_is_default(spec) else 3)
     codes = add_initializer(graph, f"{weight.name}_quantized", lazy.part("codes"), dtype=spec.element.ir_dtype, shape=(k, n))
     scale = add_initializer(graph, f"{weight.name}_scale", lazy.part("scale"), dtype=ir.DataType.FLOAT, shape=grid_shape)
-    inputs = [codes, _unit_scale(graph) if scales_after else scale]
+    if scales_after:
+        inputs = [codes, shared_initializer(graph, "qdq/unit_weight_scale", np.array(1.0, np.float32))]
+    else:
+        inputs = [codes, scale]
     if not zero_is_default(spec):
         inputs.append(add_initializer(graph, f"{weight.name}_zero_point", lazy.part("zero_point"),
                                       dtype=spec.element.ir_dtype, shape=grid_shape))
@@ -67,28 +70,17 @@ def emit_qdq_weight(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -> 
         _scale_output_columns(graph, matmul, scale)
 
 
-def _unit_scale(graph: ir.Graph) -> ir.Value:
-    name = "qdq/unit_weight_scale"
-    if name in graph.initializers:
-        return graph.initializers[name]
-    return add_initializer(graph, name, np.array(1.0, np.float32))
-
-
 def _scale_output_columns(graph: ir.Graph, matmul: ir.Node, scale: ir.Value) -> None:
     """The MatMul's readers read `Mul(MatMul's output, scale)`; the output keeps its name, so
     graph outputs (logits) and the builder's names stay as they were."""
     output = matmul.outputs[0]
-    name, uses = output.name, list(output.uses())
-    output.name = f"{name}/unscaled"
-    mul = ir.node("Mul", [output, scale], name=f"{matmul.name}/column_scales")
+    mul = ir.node("Mul", [None, scale], name=f"{matmul.name}/column_scales")
     scaled = mul.outputs[0]
     scaled.dtype, scaled.shape = output.dtype or ir.DataType.FLOAT, output.shape
-    for user, index in uses:
-        user.replace_input_with(index, scaled)
-    graph_outputs = graph.outputs
-    for i, graph_output in enumerate(graph_outputs):
-        if graph_output is output:
-            graph_outputs[i] = scaled
+    output.replace_all_uses_with(scaled, replace_graph_outputs=True)
+    mul.replace_input_with(0, output)
+    name = output.name
+    output.name = f"{name}/unscaled"
     scaled.name = name
     graph.insert_after(matmul, mul)
 

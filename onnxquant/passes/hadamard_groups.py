@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant.errors import fail
-from onnxquant.graph_utils import add_initializer, transform_initializer
+from onnxquant.graph_utils import add_initializer, shared_initializer, transform_initializer
 from onnxquant.hadamard import hadamard_matrix
 from onnxquant.patterns import HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY, constant_weight, nodes_by_name
 from onnxquant.scale_folding import classify, transform_producer_columns
@@ -123,9 +123,7 @@ def insert_online_rotation(graph: ir.Graph, x: ir.Value, readers: list[ir.Node],
 
 def _shape_constant(graph: ir.Graph, dims: tuple[int, ...]) -> ir.Value:
     name = "online_rotation/shape_" + "_".join(str(d).replace("-", "m") for d in dims)
-    if name in graph.initializers:
-        return graph.initializers[name]
-    return add_initializer(graph, name, np.array(dims, dtype=np.int64))
+    return shared_initializer(graph, name, np.array(dims, dtype=np.int64))
 
 
 def _rotate_row_groups(weight: np.ndarray, h: np.ndarray) -> np.ndarray:
