@@ -274,9 +274,10 @@ class _TokenRowsObserver(Observer):
     """A statistic summed in the graph over the rows of the activation flattened to [tokens, K],
     with the token count; subclasses name the statistic (`summed`) and build it from the rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, token_stride: int = 1) -> None:
         super().__init__()
         self.tokens = 0
+        self.token_stride = token_stride  # the statistic reads every token_stride-th row only
 
     def _statistic(self, graph, rows: ir.Value, width: int, tag: str) -> ir.Value:
         raise NotImplementedError
@@ -285,6 +286,10 @@ class _TokenRowsObserver(Observer):
         width = value.shape[-1] if value.shape is not None and isinstance(value.shape[-1], int) else -1
         rows = _node(graph, "Reshape", [value, _constant(graph, f"{tag}/shape", np.array([-1, width], dtype=np.int64))],
                      f"{tag}/rows")
+        if self.token_stride > 1:
+            rows = _node(graph, "Slice", [rows, *(_constant(graph, f"{tag}/{name}", np.array([v], dtype=np.int64)) for name, v in
+                                                 (("start", 0), ("end", np.iinfo(np.int64).max), ("axis", 0), ("step", self.token_stride)))],
+                         f"{tag}/strided_rows")
         count = _node(graph, "Shape", [rows], f"{tag}/count", start=0, end=1)
         return {self.summed[0]: self._statistic(graph, rows, width, tag), "count": count}
 
@@ -391,6 +396,14 @@ class SpillingStore:
 
     def replace(self, name: str, array: np.ndarray) -> None:
         self.put(name, array, spill=name in self.files)
+
+    def rename(self, old: str, new: str) -> None:
+        if old in self.arrays:
+            self.arrays[new] = self.arrays.pop(old)
+        else:
+            self.files[new] = self.files.pop(old)
+        if self._last_read is not None and self._last_read[0] == old:
+            self._last_read = (new, self._last_read[1])
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self.arrays:

@@ -1,15 +1,19 @@
 """The quantization pipeline: an ordered recipe of stages, each a set of graph passes plus what it
 needs from calibration, run on an ORT-GenAI folder.
 
-RECIPE = ROTATE (untie, fold norms, QuaRot R1) -> SMOOTH (SmoothQuant) -> HADAMARD_GROUPS
-(block-diagonal Hadamard on each quantized MatMul's input) -> QUANTIZE (AWQ scales, then the
-emitters with RTN / GPTQ rounding). A stage's `prepare` makes changes that leave every
-activation as it is (untying the embedding) and returns the observers it needs; if any, one ORT
-calibration pass over the model as it is on disk feeds them; `build` turns the statistics into
-passes, which run through onnx_ir's `Sequential` (their `requires` checks preconditions). A stage
-that changes weights is checkpointed before the next calibration pass reads the model (or right
-away for --verify's probe): the model is written to a scratch folder with its pending transforms
-and loaded back, and the previous scratch copy is deleted.
+RECIPE = ROTATE (untie, fold norms, QuaRot R1) -> SMOOTH (SmoothQuant) -> R4 (online Hadamard on
+down_proj inputs) -> HADAMARD_GROUPS (block-diagonal Hadamard on each remaining quantized MatMul's
+input) -> QUANTIZE (AWQ scales, then the emitters with RTN / GPTQ rounding). Without R4 and groups,
+SmoothQuant's calibration pass also serves the quantizer: each smoothed input's per-tensor ranges
+follow exactly from each sample's per-channel extrema, and its Hessian from H / (s sᵀ)
+(`_carry_statistics`), so the model is calibrated once.
+A stage's `prepare` makes changes that leave every activation as it is (untying the embedding) and
+returns the observers it needs; if any, one ORT calibration pass over the model as it is on disk
+feeds them; `build` turns the statistics into passes, which run through onnx_ir's `Sequential`
+(their `requires` checks preconditions). A stage that changes weights is checkpointed before the
+next calibration pass reads the model (or right away for --verify's probe): the model is written to
+a scratch folder with its pending transforms and loaded back, and the previous scratch copy is
+deleted.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from onnxquant.graph_utils import read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
 from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, HadamardGroupsPass,
                               QuantizeGraphPass, RotateR1Pass, UntieEmbeddingsPass)
+from onnxquant.passes.fold_channel_scales import scaled_activation_name
 from onnxquant.passes.online_hadamard import OnlineHadamardPass, r4_activations
 from onnxquant.patterns import GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
@@ -71,6 +76,7 @@ class QuantizeSettings:
     r4: bool = False  # QuaRot's online Hadamard on down_proj inputs
     exclude_most_sensitive: int = 0  # MatMuls kept in float, the highest by algorithms.sensitivity
     sq_alpha_search: bool = False  # each activation's alpha from SEARCH_ALPHAS by modelled output error
+    hessian_token_stride: int = 1  # Hessians (GPTQ, AWQ, sensitivity) from every n-th calibration token
     segment_bytes: int = DEFAULT_SEGMENT_MB << 20  # calibration runs in pieces of at most about this much weight
 
     @property
@@ -115,6 +121,8 @@ class QuantizeReport:
             extras += f" smoothed={self.smoothed} sq_alpha={alpha} sq_inserted_muls={len(self.inserted_muls)}"
         if self.kept_float:
             extras += f" kept_float={len(self.kept_float)}"
+        if settings.needs_hessians and settings.hessian_token_stride > 1:
+            extras += f" hessian_token_stride={settings.hessian_token_stride}"
         if self.calibration_passes and (settings.sq_alpha is not None or scheme.algo != "rtn"):
             extras += f" calibration_passes={self.calibration_passes}"
         if self.calibration_segments > 1:
@@ -132,7 +140,10 @@ class StageContext:
     samples: np.ndarray | None
     report: QuantizeReport
     scratch: Path
-    ranges: dict[str, tuple[float, float]] | None = None  # activation ranges computed ahead (one-pass SmoothQuant)
+    # Statistics of the quantized inputs derived ahead, in the smoothing pass (one-pass SmoothQuant):
+    ranges: dict[str, tuple[float, float]] | None = None
+    hessians: SpillingStore | None = None
+    hessian_tokens: dict[str, int] | None = None
     state: dict = field(default_factory=dict)  # what a stage's prepare hands to its build
 
 
@@ -187,6 +198,21 @@ def _plan(ctx: StageContext) -> QuantPlan:
     return plan_quantization(ctx.model.graph, ctx.settings.scheme)
 
 
+def _one_pass(ctx: StageContext, plan: QuantPlan) -> bool:
+    """Whether the smoothing pass can also give the quantizer its ranges (and Hessians): min-max
+    ranges (plain or moving average) replay exactly from per-channel extrema, H from H / (s sᵀ)."""
+    settings, by_name = ctx.settings, nodes_by_name(ctx.model.graph)
+    channels = sum(constant_weight(by_name[readers[0]]).shape[0] for readers in plan.activations.values())
+    # R4 and Hadamard groups come after smoothing and mix channels: no per-channel statistic follows
+    # x / s through them. (Rotating first instead, so that one pass would do, costs accuracy: the
+    # main job's down_proj input is then not smoothed, quick-probe ratio 1.115 against 1.008, and
+    # smoothing o_proj's input after R2 gives 21.0567 against 21.0232 on 16 blocks.)
+    return (not settings.skip_quantization and settings.scheme.static_activations and not settings.r4
+            and settings.hadamard_group_size is None
+            and settings.scheme.calibration.method == "minmax" and settings.scheme.algo != "awq"
+            and 8 * channels * len(ctx.samples) <= ONE_PASS_BUDGET_BYTES)
+
+
 def _prepare_smoothing(ctx: StageContext) -> list[Observation]:
     # Untying changes no activation, so the statistics can come from the model file as it is.
     UntieEmbeddingsPass()(ctx.model)
@@ -196,17 +222,21 @@ def _prepare_smoothing(ctx: StageContext) -> list[Observation]:
         fail(f"--include_sq: {ctx.folder.model_file} has no MatMul with a constant weight left to smooth "
              "(check --exclude); drop --include_sq")
     settings = ctx.settings
-    channels = sum(constant_weight(nodes_by_name(ctx.model.graph)[readers[0]]).shape[0]
-                   for readers in plan.activations.values())
-    one_pass = (not settings.skip_quantization and settings.scheme.static_activations
-                and settings.scheme.calibration.method == "minmax"
-                and all(target.kind != "mul" for target in targets)
-                and 8 * channels * len(ctx.samples) <= ONE_PASS_BUDGET_BYTES)
-    observers = {target.activation: ChannelExtremaRecorder() if one_pass else ChannelAbsMaxObserver() for target in targets}
-    # The diagonal only: full K x K Hessians of every smoothed input at once would not fit at 1.5B.
-    hessians = {target.activation: ChannelSquareSumObserver() for target in targets} if settings.sq_alpha_search else {}
-    ctx.state.update(targets=targets, observers=observers, one_pass=one_pass, hessians=hessians)
-    return list(observers.items()) + list(hessians.items())
+    one_pass = _one_pass(ctx, plan)
+    if one_pass:
+        observers = {x: ChannelExtremaRecorder() for x in plan.activations}
+    else:
+        observers = {target.activation: ChannelAbsMaxObserver() for target in targets}
+    observations: list[Observation] = list(observers.items())
+    square_sums = {}
+    if one_pass and settings.needs_hessians:
+        observations += _observe_hessians(ctx, plan)
+    elif settings.sq_alpha_search:
+        # The diagonal only: full K x K Hessians of every smoothed input at once would not fit at 1.5B.
+        square_sums = {target.activation: ChannelSquareSumObserver() for target in targets}
+        observations += list(square_sums.items())
+    ctx.state.update(targets=targets, observers=observers, one_pass=one_pass, square_sums=square_sums)
+    return observations
 
 
 def _weight_row_absmax(graph: ir.Graph, readers: tuple[str, ...]) -> np.ndarray:
@@ -215,10 +245,20 @@ def _weight_row_absmax(graph: ir.Graph, readers: tuple[str, ...]) -> np.ndarray:
                   axis=0)
 
 
+def _square_sums(ctx: StageContext, activation: str) -> tuple[np.ndarray, int]:
+    """sum over tokens of x_k² per channel of `activation` and the token count, from the diagonal
+    observer or, when the pass gathered full Hessians, from H's diagonal."""
+    if activation in ctx.state["square_sums"]:
+        observer = ctx.state["square_sums"].pop(activation)
+        return observer.sum, observer.tokens
+    return np.diag(ctx.state["hessian_store"][activation]).copy(), ctx.state["hessian_observers"][activation].tokens
+
+
 def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> np.ndarray:
     """The smoothing scales of the SEARCH_ALPHAS candidate with the least modelled output error."""
     scheme, by_name = ctx.settings.scheme, nodes_by_name(ctx.model.graph)
-    observer, hessian = ctx.state["observers"][target.activation], ctx.state["hessians"].pop(target.activation)
+    observer = ctx.state["observers"][target.activation]
+    square_sums, tokens = _square_sums(ctx, target.activation)
     candidates, ranges = {}, {}
     for alpha in SEARCH_ALPHAS:
         candidates[alpha] = target_scales(target, observer.absmax, weight_absmax, alpha)
@@ -230,7 +270,7 @@ def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> np
     errors = dict.fromkeys(SEARCH_ALPHAS, 0.0)
     for name in target.readers:  # one weight mapped at a time (read_initializer unmaps it after)
         per_alpha = read_initializer(constant_weight(by_name[name]), lambda w: [
-            smoothed_error(candidates[a], w, hessian.sum, hessian.tokens, scheme.weights_for(target.readers[0]),
+            smoothed_error(candidates[a], w, square_sums, tokens, scheme.weights_for(target.readers[0]),
                            scheme.activations, ranges[a]) for a in SEARCH_ALPHAS])
         for alpha, error in zip(SEARCH_ALPHAS, per_alpha):
             errors[alpha] += error
@@ -249,12 +289,29 @@ def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
                                 else target_scales(t, observers[t.activation].absmax, weight_absmax, alpha))
     ctx.report.smoothed = len(targets)
     if ctx.state["one_pass"]:
-        calibration = ctx.settings.scheme.calibration
-        ctx.ranges = {name: recorder.replay(make_range_observer(calibration, ctx.settings.scheme.activations), scales[name]).range()
-                      for name, recorder in observers.items()}
+        _carry_statistics(ctx, targets, scales)
     fold = FoldChannelScalesPass(targets, scales)
     ctx.state["fold"] = fold
     return [fold]
+
+
+def _carry_statistics(ctx: StageContext, targets: list, scales: dict[str, np.ndarray]) -> None:
+    """The quantizer's statistics of every planned input after smoothing, from this pass's: per-tensor
+    ranges replayed from each sample's extrema divided by s, Hessians H / (s sᵀ); keyed by the name
+    the quantizer will see (an inserted Mul's output for "mul" targets)."""
+    calibration, spec = ctx.settings.scheme.calibration, ctx.settings.scheme.activations
+    renamed = {t.activation: scaled_activation_name(t.activation) for t in targets if t.kind == "mul"}
+    ctx.ranges = {renamed.get(name, name): recorder.replay(make_range_observer(calibration, spec), scales.get(name)).range()
+                  for name, recorder in ctx.state["observers"].items()}
+    if "hessian_store" not in ctx.state:
+        return
+    store = ctx.state["hessian_store"]
+    for name, s in scales.items():
+        store.replace(name, (store[name] / np.outer(s, s)).astype(np.float32))
+    for old, new in renamed.items():
+        store.rename(old, new)
+    ctx.hessians = store
+    ctx.hessian_tokens = {renamed.get(name, name): observer.tokens for name, observer in ctx.state["hessian_observers"].items()}
 
 
 # --- R4 -----------------------------------------------------------------------------------------
@@ -289,6 +346,23 @@ def _build_hadamard_groups(ctx: StageContext) -> list[ir.passes.PassBase]:
 
 # --- QUANTIZE -----------------------------------------------------------------------------------
 
+def _observe_hessians(ctx: StageContext, plan: QuantPlan) -> list[Observation]:
+    """Hessian observers for every planned input; their sums land in ctx.state["hessian_store"]."""
+    observers = {name: HessianObserver(ctx.settings.hessian_token_stride) for name in plan.activations}
+    ctx.state["hessian_observers"] = observers
+    store = ctx.state["hessian_store"] = SpillingStore(ctx.scratch / "hessians")
+
+    def collect(done: list[Observation], spill: bool) -> None:
+        # Each Hessian leaves its observer as soon as its segment ends; spilled to disk when the model
+        # runs in segments, so memory holds one segment's Hessians, not all of them (9.8 GB at 1.5B).
+        for name, observer in done:
+            if isinstance(observer, HessianObserver) and "xtx" in observer.sums:
+                store.put(name, observer.sums.pop("xtx"), spill)
+
+    ctx.state["segment_done"] = collect
+    return list(observers.items())
+
+
 def _prepare_quantization(ctx: StageContext) -> list[Observation]:
     UntieEmbeddingsPass()(ctx.model)
     scheme = ctx.settings.scheme
@@ -303,19 +377,11 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
         ctx.state["range_observers"] = {name: make_range_observer(scheme.calibration, scheme.activations) for name in plan.activations}
         observations += list(ctx.state["range_observers"].items())
     if ctx.settings.needs_hessians:
-        observers = {name: HessianObserver() for name in plan.activations}
-        ctx.state["hessian_observers"] = observers
-        store = ctx.state["hessians"] = SpillingStore(ctx.scratch / "hessians")
-
-        def collect(done: list[Observation], spill: bool) -> None:
-            # Each Hessian leaves its observer as soon as its segment ends; spilled to disk when the model
-            # runs in segments, so memory holds one segment's Hessians, not all of them (9.8 GB at 1.5B).
-            for name, observer in done:
-                if isinstance(observer, HessianObserver) and "xtx" in observer.sums:
-                    store.put(name, observer.sums.pop("xtx"), spill)
-
-        ctx.state["segment_done"] = collect
-        observations += list(observers.items())
+        if ctx.hessians is not None and set(ctx.hessians) == set(plan.activations):
+            ctx.state["hessian_store"], ctx.hessians = ctx.hessians, None
+        else:
+            observations += _observe_hessians(ctx, plan)
+            ctx.hessian_tokens = None
     if scheme.algo == "awq":
         ctx.state["mean_abs"] = {name: ChannelMeanAbsObserver() for name in plan.activations}
         observations += list(ctx.state["mean_abs"].items())
@@ -362,9 +428,9 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
     if scheme.clip_search and scheme.algo == "rtn":
         rounder = lambda name, weight, spec: clip_search(weight, spec)  # noqa: E731
     if ctx.settings.needs_hessians:
-        hessians = ctx.state.pop("hessians")  # each is freed once rounded (float32 until used)
+        hessians = ctx.state.pop("hessian_store")  # each is freed once rounded (float32 until used)
     if ctx.settings.exclude_most_sensitive:
-        tokens = {name: observer.tokens for name, observer in ctx.state["hessian_observers"].items()}
+        tokens = ctx.hessian_tokens or {name: observer.tokens for name, observer in ctx.state["hessian_observers"].items()}
         ctx.report.kept_float = _most_sensitive(ctx, plan, hessians, tokens, ranges)
         plan = plan.without(ctx.report.kept_float)
         for name in [name for name in hessians if name not in plan.activations]:

@@ -60,6 +60,9 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--exclude_most_sensitive", type=int, default=0, metavar="N",
         help="mixed precision: keep the N MatMuls with the largest modelled output error (weight and activation grids, "
              "from the calibration Hessian) in float")
+    add("--hessian_token_stride", type=int, default=1, metavar="N",
+        help="gptq, awq, --exclude_most_sensitive: gather the calibration Hessian from every N-th token of each sample "
+             "(default 1: all); its in-graph products cost about as much as the model's own MatMuls, N divides that cost")
     add("--include_rotation", action="store_true", help="apply the QuaRot R1 rotation")
     add("--r_config_path", default=None, help="rotation config JSON (default: rotation_configs/<family>.json)")
     add("--hidden_size", type=int, default=None, help="rotation size; must equal the model's hidden size")
@@ -152,11 +155,14 @@ def settings_from_args(args) -> QuantizeSettings:
         fail(f"--hadamard_group_size {group} is not one of {', '.join(map(str, HADAMARD_GROUP_SIZES))}")
     if args.exclude_most_sensitive < 0:
         fail(f"--exclude_most_sensitive {args.exclude_most_sensitive} is negative; pass a count of MatMuls (0: none)")
+    if args.hessian_token_stride < 1 or args.hessian_token_stride > args.seq_len:
+        fail(f"--hessian_token_stride must be between 1 and --seq_len ({args.seq_len}), got {args.hessian_token_stride}")
     if not 0 < args.segment_mb < float("inf"):
         fail(f"--segment_mb must be a positive number of MB, got {args.segment_mb:g}")
     return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, sq_alpha_search=sq_alpha_search,
                             hadamard_group_size=group, r4=args.include_r4,
-                            exclude_most_sensitive=args.exclude_most_sensitive, segment_bytes=int(args.segment_mb * (1 << 20)))
+                            exclude_most_sensitive=args.exclude_most_sensitive, hessian_token_stride=args.hessian_token_stride,
+                            segment_bytes=int(args.segment_mb * (1 << 20)))
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantize") -> int:

@@ -95,6 +95,29 @@ def test_one_pass_smoothquant_ranges_equal_a_second_calibration(tiny_models, tmp
         assert one[name] == pytest.approx(two[name], rel=1e-4), name
 
 
+def test_one_pass_hessians_equal_a_second_calibration(tiny_models, tmp_path, calib_text_path, monkeypatch, capsys):
+    """GPTQ's Hessians carried from the smoothing pass as H / (s sᵀ) equal those a second ORT pass over
+    the smoothed model sums, also where an explicit Mul renames the input (gate_proj left in float)."""
+    import onnxquant.pipeline as pipeline
+    import onnxquant.quantize as quantize
+
+    seen: dict[str, list[np.ndarray]] = {"one": [], "two": []}
+    rounds = pipeline.gptq_round
+    flags = ["--input_model_path", str(tiny_models.onnx("tiny-llama-96")), "--calib_data", str(calib_text_path),
+             "--num_calib_data", "6", "--seq_len", "128", "--use_moving_average", "--config", "INT8_PER_CHANNEL",
+             "--include_rotation", "--include_sq", "--sq_alpha", "0.6", "--algo", "gptq", "--exclude", "gate_proj"]
+    for run, budget, passes in (("one", pipeline.ONE_PASS_BUDGET_BYTES, 1), ("two", 0, 2)):
+        monkeypatch.setattr(pipeline, "ONE_PASS_BUDGET_BYTES", budget)
+        monkeypatch.setattr(pipeline, "gptq_round", lambda w, h, *a, run=run: seen[run].append(np.array(h)) or rounds(w, h, *a))
+        assert quantize.main([*flags, "--output_model_path", str(tmp_path / run)]) == 0
+        assert f"calibration_passes={passes}" in capsys.readouterr().out
+    assert len(seen["one"]) == len(seen["two"]) == 9  # 2 layers x (qkv, o, up, down) + lm_head
+    for one, two in zip(seen["one"], seen["two"]):
+        assert np.abs(one - two).max() <= 1e-4 * np.abs(two).max()
+    one, two = _activation_scales(tmp_path / "one"), _activation_scales(tmp_path / "two")
+    assert one.keys() == two.keys() and all(one[name] == pytest.approx(two[name], rel=1e-4) for name in one)
+
+
 @pytest.mark.parametrize("diagonal", [False, True], ids=["hessian", "diagonal"])
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8])
 def test_alpha_search_models_the_measured_output_error(alpha, diagonal):

@@ -70,6 +70,22 @@ def test_hessian_observer_sums_xtx_in_the_graph(tmp_path):
     assert observer.tokens == diagonal.tokens == 12
 
 
+def test_hessian_token_stride_sums_every_nth_token(tmp_path):
+    """--hessian_token_stride 3: x xᵀ over tokens 0, 3, 6, ... of each sample, and their count."""
+    rng = np.random.default_rng(3)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "toy",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, 3])],
+                              [numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "toy.onnx")
+    batches = [{"x": rng.standard_normal((1, n, 8)).astype(np.float32)} for n in (7, 9)]
+    observer = HessianObserver(token_stride=3)
+    run_calibration(tmp_path / "toy.onnx", _Reader(batches), [("x", observer)])
+    rows = np.concatenate([b["x"][0, ::3] for b in batches])
+    assert observer.tokens == len(rows) == 3 + 3
+    np.testing.assert_allclose(observer.sum, rows.T @ rows, rtol=1e-5)
+
+
 def _w4(tiny_models, out, calib_text_path, *flags):
     return run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                       "--output_model_path", str(out), "--num_calib_data", "8", "--seq_len", "128",

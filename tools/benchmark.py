@@ -111,6 +111,16 @@ RECIPES = {r.name: r for r in (
            "the fused integer kernel, the form before this round)",
            _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64",
               "--column_scales", "in_kernel")),
+    Recipe("int8_pc+r1+sq_auto+r4+gptq+h64+hs4", "the main job with --hessian_token_stride 4 (GPTQ's Hessians from every "
+           "4th calibration token)",
+           _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64",
+              "--hessian_token_stride", "4")),
+    Recipe("int8_pc+r1+sq_auto+gptq", "INT8_PER_CHANNEL + R1 + SmoothQuant with per-activation alpha + GPTQ: one calibration "
+           "pass (no online rotation after smoothing)",
+           _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--algo", "gptq")),
+    Recipe("int8_pc+r1+sq_auto+gptq+hs4", "INT8_PER_CHANNEL + R1 + SmoothQuant (alpha per activation) + GPTQ, one pass, "
+           "Hessians from every 4th token",
+           _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--algo", "gptq", "--hessian_token_stride", "4")),
     Recipe("int8_pc+r1+sq+r4+gptq+h64", "INT8_PER_CHANNEL + R1 + SmoothQuant + R4 + GPTQ + groups of 64",
            _q("INT8_PER_CHANNEL", R1, SQ, "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64")),
     Recipe("int8+r1+sq+r4+gptq+h64", "INT8_TRANSFORMER_DEFAULT + R1 + SmoothQuant + R4 + GPTQ + groups of 64",

@@ -10,6 +10,11 @@ from onnxquant.patterns import constant_weight, nodes_by_name, norm_weight
 from onnxquant.scale_folding import FoldTarget, transform_producer_columns
 
 
+def scaled_activation_name(activation: str) -> str:
+    """The name of X / s where an explicit Mul computes it ("mul" targets)."""
+    return f"{activation}/scaled"
+
+
 class FoldChannelScalesPass(ir.passes.InPlacePass):
     """For each target activation X with scales s: readers' weights W[j, :] <- s_j W[j, :], and X <- X / s
     folded into the producer named by the target (see onnxquant.scale_folding): the norm weight
@@ -57,7 +62,7 @@ class FoldChannelScalesPass(ir.passes.InPlacePass):
         activation = readers[0].inputs[0]
         inverse = add_initializer(graph, f"{activation.name}/channel_inverse_scale", (1.0 / scales).astype(np.float32))
         mul = ir.node("Mul", [activation, inverse], name=f"{activation.name}/ChannelScaleMul")
-        mul.outputs[0].name = f"{activation.name}/scaled"
+        mul.outputs[0].name = scaled_activation_name(activation.name)
         mul.outputs[0].dtype, mul.outputs[0].shape = activation.dtype or ir.DataType.FLOAT, activation.shape
         graph.insert_before(readers[0], mul)
         for reader in readers:
