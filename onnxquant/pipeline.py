@@ -198,19 +198,23 @@ def _plan(ctx: StageContext) -> QuantPlan:
     return plan_quantization(ctx.model.graph, ctx.settings.scheme)
 
 
-def _one_pass(ctx: StageContext, plan: QuantPlan) -> bool:
-    """Whether the smoothing pass can also give the quantizer its ranges (and Hessians): min-max
-    ranges (plain or moving average) replay exactly from per-channel extrema, H from H / (s sᵀ)."""
+def _records_extrema(ctx: StageContext, plan: QuantPlan) -> bool:
+    """Whether the smoothing pass keeps each sample's per-channel extrema, from which the smoothed
+    inputs' min-max ranges (plain or moving average) replay exactly, for the alpha search and the
+    quantizer, instead of the channel maxima alone."""
     settings, by_name = ctx.settings, nodes_by_name(ctx.model.graph)
     channels = sum(constant_weight(by_name[readers[0]]).shape[0] for readers in plan.activations.values())
-    # R4 and Hadamard groups come after smoothing and mix channels: no per-channel statistic follows
-    # x / s through them. (Rotating first instead, so that one pass would do, costs accuracy: the
-    # main job's down_proj input is then not smoothed, quick-probe ratio 1.115 against 1.008, and
-    # smoothing o_proj's input after R2 gives 21.0567 against 21.0232 on 16 blocks.)
-    return (not settings.skip_quantization and settings.scheme.static_activations and not settings.r4
-            and settings.hadamard_group_size is None
-            and settings.scheme.calibration.method == "minmax" and settings.scheme.algo != "awq"
-            and 8 * channels * len(ctx.samples) <= ONE_PASS_BUDGET_BYTES)
+    return (not settings.skip_quantization and settings.scheme.static_activations
+            and settings.scheme.calibration.method == "minmax" and 8 * channels * len(ctx.samples) <= ONE_PASS_BUDGET_BYTES)
+
+
+def _carries_statistics(settings: QuantizeSettings) -> bool:
+    """Whether the quantizer can take its ranges and Hessians from the smoothing pass. R4 and Hadamard
+    groups come after smoothing and mix channels: no per-channel statistic follows x / s through them.
+    (Rotating first instead, so that one pass would always do, costs accuracy: the main job's
+    down_proj input is then not smoothed, quick-probe ratio 1.115 against 1.008, and smoothing
+    o_proj's input after R2 gives 21.0567 against 21.0232 on 16 blocks.)"""
+    return not settings.r4 and settings.hadamard_group_size is None and settings.scheme.algo != "awq"
 
 
 def _prepare_smoothing(ctx: StageContext) -> list[Observation]:
@@ -222,20 +226,21 @@ def _prepare_smoothing(ctx: StageContext) -> list[Observation]:
         fail(f"--include_sq: {ctx.folder.model_file} has no MatMul with a constant weight left to smooth "
              "(check --exclude); drop --include_sq")
     settings = ctx.settings
-    one_pass = _one_pass(ctx, plan)
-    if one_pass:
+    extrema = _records_extrema(ctx, plan)
+    carry = extrema and _carries_statistics(settings)
+    if carry:
         observers = {x: ChannelExtremaRecorder() for x in plan.activations}
     else:
-        observers = {target.activation: ChannelAbsMaxObserver() for target in targets}
+        observers = {t.activation: ChannelExtremaRecorder() if extrema else ChannelAbsMaxObserver() for t in targets}
     observations: list[Observation] = list(observers.items())
     square_sums = {}
-    if one_pass and settings.needs_hessians:
+    if carry and settings.needs_hessians:
         observations += _observe_hessians(ctx, plan)
     elif settings.sq_alpha_search:
         # The diagonal only: full K x K Hessians of every smoothed input at once would not fit at 1.5B.
         square_sums = {target.activation: ChannelSquareSumObserver() for target in targets}
         observations += list(square_sums.items())
-    ctx.state.update(targets=targets, observers=observers, one_pass=one_pass, square_sums=square_sums)
+    ctx.state.update(targets=targets, observers=observers, extrema=extrema, carry=carry, square_sums=square_sums)
     return observations
 
 
@@ -262,7 +267,7 @@ def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> np
     candidates, ranges = {}, {}
     for alpha in SEARCH_ALPHAS:
         candidates[alpha] = target_scales(target, observer.absmax, weight_absmax, alpha)
-        if ctx.state["one_pass"]:
+        if ctx.state["extrema"]:
             ranges[alpha] = observer.replay(make_range_observer(scheme.calibration, scheme.activations), candidates[alpha]).range()
         else:
             bound = float((observer.absmax / candidates[alpha]).max())
@@ -288,7 +293,7 @@ def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
         scales[t.activation] = (_searched_scales(ctx, t, weight_absmax) if ctx.settings.sq_alpha_search
                                 else target_scales(t, observers[t.activation].absmax, weight_absmax, alpha))
     ctx.report.smoothed = len(targets)
-    if ctx.state["one_pass"]:
+    if ctx.state["carry"]:
         _carry_statistics(ctx, targets, scales)
     fold = FoldChannelScalesPass(targets, scales)
     ctx.state["fold"] = fold

@@ -85,6 +85,12 @@ def test_bad_segment_size(source, tmp_path):
     assert_user_error(_quantize(source, tmp_path / "out", "--segment_mb", "0"), "--segment_mb must be a positive number")
 
 
+@pytest.mark.parametrize("stride", ["0", "513"])
+def test_bad_hessian_token_stride(source, tmp_path, stride):
+    assert_user_error(_quantize(source, tmp_path / "out", "--algo", "gptq", "--hessian_token_stride", stride),
+                      "--hessian_token_stride must be between 1 and --seq_len")
+
+
 def test_unwritable_output_location(source, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
