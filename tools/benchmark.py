@@ -105,14 +105,14 @@ RECIPES = {r.name: r for r in (
     Recipe("int8_pc+r1+sq+gptq+h64", "INT8_PER_CHANNEL + R1 + SmoothQuant + GPTQ + Hadamard groups of 64",
            _q("INT8_PER_CHANNEL", R1, SQ, "--algo", "gptq", "--hadamard_group_size", "64")),
     Recipe("int8_pc+r1+sq_auto+r4+gptq+h64", "INT8_PER_CHANNEL + R1 + SmoothQuant with per-activation alpha + R4 + GPTQ + groups of 64 "
-           "(the README main job)",
+           "(the README main job before --hessian_token_stride 4)",
            _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64")),
     Recipe("int8_pc+r1+sq_auto+r4+gptq+h64+ik", "the main job with --column_scales in_kernel (per-column scales inside "
            "the fused integer kernel, the form before this round)",
            _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64",
               "--column_scales", "in_kernel")),
-    Recipe("int8_pc+r1+sq_auto+r4+gptq+h64+hs4", "the main job with --hessian_token_stride 4 (GPTQ's Hessians from every "
-           "4th calibration token)",
+    Recipe("int8_pc+r1+sq_auto+r4+gptq+h64+hs4", "INT8_PER_CHANNEL + R1 + SmoothQuant with per-activation alpha + R4 + GPTQ "
+           "(Hessians from every 4th calibration token) + groups of 64 (the README main job)",
            _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64",
               "--hessian_token_stride", "4")),
     Recipe("int8_pc+r1+sq_auto+gptq", "INT8_PER_CHANNEL + R1 + SmoothQuant with per-activation alpha + GPTQ: one calibration "
