@@ -300,6 +300,11 @@ def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
     return [fold]
 
 
+def _divide_hessian(store: SpillingStore, name: str, s: np.ndarray) -> None:
+    """H <- H / (s sᵀ): the Hessian of x / s, after scales s are folded into x's producer."""
+    store.replace(name, (store[name] / np.outer(s, s)).astype(np.float32))
+
+
 def _carry_statistics(ctx: StageContext, targets: list, scales: dict[str, np.ndarray]) -> None:
     """The quantizer's statistics of every planned input after smoothing, from this pass's: per-tensor
     ranges replayed from each sample's extrema divided by s, Hessians H / (s sᵀ); keyed by the name
@@ -312,7 +317,7 @@ def _carry_statistics(ctx: StageContext, targets: list, scales: dict[str, np.nda
         return
     store = ctx.state["hessian_store"]
     for name, s in scales.items():
-        store.replace(name, (store[name] / np.outer(s, s)).astype(np.float32))
+        _divide_hessian(store, name, s)
     for old, new in renamed.items():
         store.rename(old, new)
     ctx.hessians = store
@@ -492,7 +497,7 @@ def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: SpillingStore) -> Fo
             release_tensor(tensor)  # the search touched every page of these weights
         scales[target.activation] = s
         ctx.report.awq_alphas.append(alpha)
-        hessians.replace(target.activation, (hessian / np.outer(s, s)).astype(np.float32))
+        _divide_hessian(hessians, target.activation, s)
     return FoldChannelScalesPass(targets, scales)
 
 

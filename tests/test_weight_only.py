@@ -53,14 +53,19 @@ class _Reader(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def test_hessian_observer_sums_xtx_in_the_graph(tmp_path):
-    """The full Hessian, and its diagonal alone (the SmoothQuant alpha search's), watching one tensor."""
-    rng = np.random.default_rng(2)
+def _toy_matmul(path, rng) -> None:
+    """y = x·w with x [1, tokens, 8] and a random w [8, 3]: one watched tensor, x."""
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "toy",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, 3])],
                               [numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "toy.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+
+
+def test_hessian_observer_sums_xtx_in_the_graph(tmp_path):
+    """The full Hessian, and its diagonal alone (the SmoothQuant alpha search's), watching one tensor."""
+    rng = np.random.default_rng(2)
+    _toy_matmul(tmp_path / "toy.onnx", rng)
     batches = [{"x": rng.standard_normal((1, n, 8)).astype(np.float32)} for n in (5, 7)]
     observer, diagonal = HessianObserver(), ChannelSquareSumObserver()
     run_calibration(tmp_path / "toy.onnx", _Reader(batches), [("x", observer), ("x", diagonal)])
@@ -73,11 +78,7 @@ def test_hessian_observer_sums_xtx_in_the_graph(tmp_path):
 def test_hessian_token_stride_sums_every_nth_token(tmp_path):
     """--hessian_token_stride 3: x xᵀ over tokens 0, 3, 6, ... of each sample, and their count."""
     rng = np.random.default_rng(3)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "toy",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, 3])],
-                              [numpy_helper.from_array(rng.standard_normal((8, 3)).astype(np.float32), "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "toy.onnx")
+    _toy_matmul(tmp_path / "toy.onnx", rng)
     batches = [{"x": rng.standard_normal((1, n, 8)).astype(np.float32)} for n in (7, 9)]
     observer = HessianObserver(token_stride=3)
     run_calibration(tmp_path / "toy.onnx", _Reader(batches), [("x", observer)])
