@@ -70,3 +70,36 @@ def test_decode_profile_lists_op_types_by_time(tiny_models, tmp_path):
     times = [float(ms) for _, ms, _ in rows]
     assert times == sorted(times, reverse=True)
     assert not list(tmp_path.glob("decode_profile*"))  # the trace is removed
+
+
+def test_ort_static_peer_is_w8a8_with_onnxquants_settings(tiny_models, tmp_path, calib_text_path, test_text):
+    # The INT8 peer is ORT's quantize_static with INT8_PER_CHANNEL's settings: its MatMul inputs are
+    # quantized and nothing else, and on a tiny model (no outliers to tell them apart) both quantizers
+    # land on the same perplexity within 1%.
+    import math
+
+    import onnx
+
+    from onnxquant.data import tokenize
+    from onnxquant.validate import window_nll
+    from conftest import prefill_logits, run_module
+
+    source = tiny_models.onnx("tiny-llama-96")
+    calib = ["--calib_data", str(calib_text_path), "--num_calib_data", "8", "--seq_len", "128"]
+    peer = subprocess.run([sys.executable, str(TOOLS / "peers.py"), "ort_static_int8_pc", "--input", str(source),
+                           "--output", str(tmp_path / "peer"), *calib], capture_output=True, text=True, timeout=600)
+    assert peer.returncode == 0, peer.stderr[-3000:]
+    ours = run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(tmp_path / "ours"),
+                      "--config", "INT8_PER_CHANNEL", "--use_moving_average", *calib)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+
+    graph = onnx.load(str(tmp_path / "peer" / "model.onnx"), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    matmul_inputs = {node.input[0] for node in graph.node if node.op_type == "MatMul"}
+    quantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"
+                 and producer.get(node.input[0]) is not None and producer[node.input[0]].op_type == "QuantizeLinear"}
+    assert quantized and quantized <= matmul_inputs
+
+    ids = tokenize(source, test_text[:4000])[:256]
+    ppl = {name: math.exp(window_nll(prefill_logits(tmp_path / name, ids)[0], ids)) for name in ("peer", "ours")}
+    assert abs(ppl["peer"] / ppl["ours"] - 1) < 0.01, ppl

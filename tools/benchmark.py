@@ -178,6 +178,11 @@ RECIPES = {r.name: r for r in (
                          ("ort_rtn_sym", "ORT MatMulNBitsQuantizer RTN symmetric"),
                          ("ort_hqq", "ORT MatMulNBitsQuantizer HQQ"),
                          ("builder_int4", "ORT-GenAI builder -p int4 (RTN)"))),
+    Recipe("peer_ort_static_int8", "ORT quantize_static W8A8 QDQ: int8 per-tensor weights, uint8 activations, moving-average "
+           "MinMax, MatMuls with a constant weight, outputs not quantized (onnxquant's INT8_TRANSFORMER_DEFAULT settings)",
+           (), peer="ort_static_int8"),
+    Recipe("peer_ort_static_int8_pc", "ORT quantize_static W8A8 QDQ as peer_ort_static_int8 with per-output-channel weights "
+           "(INT8_PER_CHANNEL's settings)", (), peer="ort_static_int8_pc"),
     Recipe("peer_builder_k_quant_mixed_b32", "ORT-GenAI builder -p int4 algo_config=k_quant_mixed, block 32",
            ("--block_size", "32", "--algo", "k_quant_mixed"), peer="builder_int4"),
 )}
@@ -374,7 +379,8 @@ class Bench:
 
             shutil.rmtree(out, ignore_errors=True)
             command = [str(Path(__file__).resolve().parent / "peers.py"), peer, "--input", str(self.float_folder.path),
-                       "--output", str(out), *flags]
+                       "--output", str(out), "--num_calib_data", str(self.args.num_calib_data), "--seq_len", str(self.args.seq_len),
+                       *text_flag("--calib_data", self.args.calib_data), *flags]
         else:
             command = ["-m", "onnxquant.quantize", "--input_model_path", str(self.float_folder.model_file),
                        "--output_model_path", str(out / "model.onnx"), "--num_calib_data", str(self.args.num_calib_data),

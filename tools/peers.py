@@ -2,11 +2,17 @@
 onnxquant's validator measures it the same way:
 
     python tools/peers.py ort_rtn_asym|ort_rtn_sym|ort_hqq --input FLOAT_FOLDER --output OUT [--block_size 128]
+    python tools/peers.py ort_static_int8|ort_static_int8_pc --input FLOAT_FOLDER --output OUT \
+        [--calib_data FILE] [--num_calib_data 64] [--seq_len 512]
     python tools/peers.py builder_int4 --gguf FILE_OR_EMPTY --output OUT [--block_size 128] [--algo default|k_quant_mixed]
 
-ort_*: onnxruntime.quantization.MatMulNBitsQuantizer on the float export (RTN asymmetric,
-RTN symmetric, HQQ), 4 bits, default accuracy level. builder_int4: the ORT-GenAI model builder's
-`-p int4` (accuracy level 4, its CPU default) from the Hugging Face checkpoint (the embedded SmolLM2 GGUF when --gguf is empty).
+ort_rtn_*, ort_hqq: onnxruntime.quantization.MatMulNBitsQuantizer on the float export (RTN asymmetric,
+RTN symmetric, HQQ), 4 bits, default accuracy level. ort_static_int8(_pc): onnxruntime.quantization's
+quantize_static on the float export, W8A8 QDQ with the settings of onnxquant's INT8_TRANSFORMER_DEFAULT
+(INT8_PER_CHANNEL for _pc): int8 weights per tensor (per output channel), uint8 asymmetric activations,
+moving-average MinMax (constant 0.01) over the same calibration windows onnxquant reads, every MatMul
+with a constant weight. builder_int4: the ORT-GenAI model builder's `-p int4` (accuracy level 4, its
+CPU default) from the Hugging Face checkpoint (the embedded SmolLM2 GGUF when --gguf is empty).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from onnxquant.errors import run_cli
 from onnxquant.genai_folder import copy_sidecar_files, open_genai_folder
 from onnxquant.staging import staged_output_dir
 
-PEERS = ("ort_rtn_asym", "ort_rtn_sym", "ort_hqq", "builder_int4")
+PEERS = ("ort_rtn_asym", "ort_rtn_sym", "ort_hqq", "ort_static_int8", "ort_static_int8_pc", "builder_int4")
 
 
 def ort_quantize(kind: str, source: Path, output: Path, block_size: int) -> None:
@@ -38,6 +44,24 @@ def ort_quantize(kind: str, source: Path, output: Path, block_size: int) -> None
     quantizer.process()
     with staged_output_dir(output) as staging:
         quantizer.model.save_model_to_file(str(staging / "model.onnx"), use_external_data_format=True)
+        copy_sidecar_files(folder, staging)
+
+
+def ort_static_int8(source: Path, output: Path, calib_data: Path | None, count: int, seq_len: int, per_channel: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from onnxquant.calibration import token_sample_reader
+    from onnxquant.data import calibration_windows, resolve_text
+
+    folder = open_genai_folder(source)
+    samples = calibration_windows(folder.path, resolve_text(calib_data, None, "validation"), count, seq_len)
+    with staged_output_dir(output) as staging:
+        quantize_static(str(folder.model_file), str(staging / "model.onnx"), token_sample_reader(folder.model_file, folder, samples),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, use_external_data_format=True,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul"], "CalibMovingAverage": True, "CalibMovingAverageConstant": 0.01,
+                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
         copy_sidecar_files(folder, staging)
 
 
@@ -67,9 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--algo", default="default", help="builder_int4: its algo_config (default, k_quant_mixed, ...)")
+    parser.add_argument("--calib_data", type=Path, help="ort_static_*: calibration text (default: the embedded validation split)")
+    parser.add_argument("--num_calib_data", type=int, default=64, help="ort_static_*: calibration windows")
+    parser.add_argument("--seq_len", type=int, default=512, help="ort_static_*: tokens per window")
     args = parser.parse_args(argv)
     if args.peer == "builder_int4":
         builder_int4(args.gguf, args.output, args.block_size, args.algo)
+    elif args.peer.startswith("ort_static_int8"):
+        ort_static_int8(args.input, args.output, args.calib_data, args.num_calib_data, args.seq_len, args.peer.endswith("_pc"))
     else:
         ort_quantize(args.peer, args.input, args.output, args.block_size)
     return 0
