@@ -18,7 +18,9 @@
   both the median of 5 rounds taken once every model is built, each round timing every model once
   after a warm-up run (interleaved, so a busy spell on a shared machine hits all models alike).
 
---sweep repeats recipes that use SmoothQuant at each --sq_alphas value and prints a second table.
+--sweep repeats recipes that use SmoothQuant at each --sq_alphas value and prints a second table; without the
+flag it sweeps int8+r1+sq and int8_pc+r1+sq (about 40 minutes for SmolLM2 on 2 cores), and a bare --sweep
+sweeps nothing.
 Nothing is read from an earlier run.
 """
 
@@ -500,7 +502,7 @@ def build_parser(prog: str = "python tools/benchmark.py") -> argparse.ArgumentPa
     parser.add_argument("--configs", nargs="+", default=list(RECIPES), choices=list(RECIPES), metavar="NAME",
                         help=f"recipes to run (default all): {', '.join(RECIPES)}")
     parser.add_argument("--sweep", nargs="*", default=["int8+r1+sq", "int8_pc+r1+sq"], metavar="NAME",
-                        help="SmoothQuant recipes to repeat at each --sq_alphas value")
+                        help="SmoothQuant recipes to repeat at each --sq_alphas value (a bare --sweep: none)")
     parser.add_argument("--sq_alphas", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--sweep_blocks", type=int, default=None, help="evaluation blocks in the sweep (default --blocks)")
     parser.add_argument("--num_calib_data", type=int, default=64)
