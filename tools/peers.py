@@ -11,8 +11,9 @@ RTN symmetric, HQQ), 4 bits, default accuracy level. ort_static_int8(_pc): onnxr
 quantize_static on the float export, W8A8 QDQ with the settings of onnxquant's INT8_TRANSFORMER_DEFAULT
 (INT8_PER_CHANNEL for _pc): int8 weights per tensor (per output channel), uint8 asymmetric activations,
 moving-average MinMax (onnxquant's averaging constant) over the same calibration windows onnxquant reads,
-every MatMul with a constant weight, its output left in float. builder_int4: the ORT-GenAI model builder's `-p int4` (accuracy level 4, its
-CPU default) from the Hugging Face checkpoint (the embedded SmolLM2 GGUF when --gguf is empty).
+every MatMul with a constant weight, its output left in float. builder_int4: the ORT-GenAI model
+builder's `-p int4` (accuracy level 4, its CPU default) from the Hugging Face checkpoint (the embedded
+SmolLM2 GGUF when --gguf is empty).
 """
 
 from __future__ import annotations
