@@ -355,7 +355,12 @@ class ChannelExtremaRecorder(Observer):
 
     @property
     def absmax(self) -> np.ndarray:
-        return np.maximum(np.abs(np.min(self.mins, axis=0)), np.abs(np.max(self.maxs, axis=0)))
+        return self.absmax_over()
+
+    def absmax_over(self, samples: int | None = None) -> np.ndarray:
+        """max |x| per channel over the first `samples` samples (None: all)."""
+        mins, maxs = self.mins[:samples], self.maxs[:samples]
+        return np.maximum(np.abs(np.min(mins, axis=0)), np.abs(np.max(maxs, axis=0)))
 
     def replay(self, observer: Observer, divisor: np.ndarray | None = None) -> Observer:
         """Feed `observer` each sample's per-tensor min/max of x / divisor, in sample order."""

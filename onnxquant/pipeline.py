@@ -31,7 +31,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from onnxquant.algorithms.awq import awq_scales
-from onnxquant.algorithms.gptq import GPTQSettings, gptq_round
+from onnxquant.algorithms.gptq import GPTQSettings, factor_hessian, gptq_round
 from onnxquant.algorithms.rtn import clip_search
 from onnxquant.algorithms.sensitivity import matmul_sensitivity
 from onnxquant.algorithms.smooth_quant import SEARCH_ALPHAS, choose_alpha, smoothed_error, target_scales
@@ -77,6 +77,7 @@ class QuantizeSettings:
     exclude_most_sensitive: int = 0  # MatMuls kept in float, the highest by algorithms.sensitivity
     sq_alpha_search: bool = False  # each activation's alpha from SEARCH_ALPHAS by modelled output error
     hessian_token_stride: int = 1  # Hessians (GPTQ, AWQ, sensitivity) from every n-th calibration token
+    sq_num_calib_data: int | None = None  # SmoothQuant's statistics from the first n samples (None: all)
     segment_bytes: int = DEFAULT_SEGMENT_MB << 20  # calibration runs in pieces of at most about this much weight
 
     @property
@@ -241,6 +242,10 @@ def _prepare_smoothing(ctx: StageContext) -> list[Observation]:
         square_sums = {target.activation: ChannelSquareSumObserver() for target in targets}
         observations += list(square_sums.items())
     ctx.state.update(targets=targets, observers=observers, extrema=extrema, carry=carry, square_sums=square_sums)
+    if not carry and settings.sq_num_calib_data is not None:
+        # The quantizer calibrates the smoothed model again on every sample, so this pass need only
+        # see the samples that choose the scales (a carried pass sees all, for the quantizer's sake).
+        ctx.state["sample_count"] = settings.sq_num_calib_data
     return observations
 
 
@@ -259,14 +264,23 @@ def _square_sums(ctx: StageContext, activation: str) -> tuple[np.ndarray, int]:
     return np.diag(ctx.state["hessian_store"][activation]).copy(), ctx.state["hessian_observers"][activation].tokens
 
 
+def _scale_absmax(ctx: StageContext, activation: str) -> np.ndarray:
+    """max |x| per channel over the samples that choose the smoothing scales (--sq_num_calib_data)."""
+    observer = ctx.state["observers"][activation]
+    if isinstance(observer, ChannelExtremaRecorder):
+        return observer.absmax_over(ctx.settings.sq_num_calib_data)
+    return observer.absmax
+
+
 def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> np.ndarray:
     """The smoothing scales of the SEARCH_ALPHAS candidate with the least modelled output error."""
     scheme, by_name = ctx.settings.scheme, nodes_by_name(ctx.model.graph)
     observer = ctx.state["observers"][target.activation]
+    absmax = _scale_absmax(ctx, target.activation)
     square_sums, tokens = _square_sums(ctx, target.activation)
     candidates, ranges = {}, {}
     for alpha in SEARCH_ALPHAS:
-        candidates[alpha] = target_scales(target, observer.absmax, weight_absmax, alpha)
+        candidates[alpha] = target_scales(target, absmax, weight_absmax, alpha)
         if ctx.state["extrema"]:
             ranges[alpha] = observer.replay(make_range_observer(scheme.calibration, scheme.activations), candidates[alpha]).range()
         else:
@@ -291,7 +305,7 @@ def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
     for t in tqdm(targets, desc="SmoothQuant alpha search", unit="activation", disable=not ctx.settings.sq_alpha_search):
         weight_absmax = _weight_row_absmax(ctx.model.graph, t.readers)
         scales[t.activation] = (_searched_scales(ctx, t, weight_absmax) if ctx.settings.sq_alpha_search
-                                else target_scales(t, observers[t.activation].absmax, weight_absmax, alpha))
+                                else target_scales(t, _scale_absmax(ctx, t.activation), weight_absmax, alpha))
     ctx.report.smoothed = len(targets)
     if ctx.state["carry"]:
         _carry_statistics(ctx, targets, scales)
@@ -400,8 +414,8 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
 
 class _HessianRounder:
     """Rounds each planned weight with GPTQ (or H-weighted clip search) from its input's Hessian,
-    divided by any AWQ scales that were folded into that input. A Hessian is dropped once the
-    last weight reading its activation has been rounded."""
+    divided by any AWQ scales that were folded into that input. An input's Hessian is factored once
+    for all the weights that read it, and dropped once the last of them has been rounded."""
 
     def __init__(self, hessians: SpillingStore, reader_input: dict[str, str], settings: GPTQSettings, gptq: bool):
         self.hessians = hessians
@@ -409,23 +423,28 @@ class _HessianRounder:
         self.readers_left = Counter(reader_input.values())
         self.settings = settings
         self.gptq = gptq
+        self.factors = {}
         # Rounding runs as the model is written; at 1.5B it takes minutes.
         self.progress = tqdm(total=len(reader_input), desc="gptq" if gptq else "clip search", unit="weight")
 
     def __call__(self, node_name: str, weight: np.ndarray, spec: QuantSpec):
         activation = self.reader_input.get(node_name)
-        hessian = self.hessians.get(activation)
-        if hessian is None:
-            return nearest_rounder(node_name, weight, spec)
+        if activation not in self.factors:
+            hessian = self.hessians.get(activation)
+            if hessian is None:
+                return nearest_rounder(node_name, weight, spec)
+            self.factors[activation] = factor_hessian(hessian, self.settings) if self.gptq else np.diag(hessian).copy()
+            del self.hessians[activation]
         self.progress.update()
         if self.progress.n == self.progress.total:
             self.progress.close()
+        factor = self.factors[activation]
         self.readers_left[activation] -= 1
         if self.readers_left[activation] == 0:
-            del self.hessians[activation]
+            del self.factors[activation]
         if self.gptq:
-            return gptq_round(weight, hessian, spec, self.settings)
-        return clip_search(weight, spec, np.diag(hessian))
+            return gptq_round(weight, factor, spec, self.settings)
+        return clip_search(weight, spec, factor)
 
 
 def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
@@ -574,7 +593,8 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
                 checkpoint(f"stage{number}-before-{stage.name}", f"checkpoint_before_{stage.name}")
                 unsaved = False
             with times.phase(f"{stage.name}_calibration"):
-                run = run_calibration(ctx.model_path, token_sample_reader(ctx.model_path, folder, samples), observations,
+                stage_samples = samples[:ctx.state.get("sample_count", len(samples))]
+                run = run_calibration(ctx.model_path, token_sample_reader(ctx.model_path, folder, stage_samples), observations,
                                       desc=f"calibration ({stage.name})", segment_bytes=settings.segment_bytes,
                                       on_segment_done=ctx.state.get("segment_done"))
             report.calibration_seconds += run.seconds

@@ -63,6 +63,10 @@ def build_parser(prog: str = "python -m onnxquant.quantize") -> argparse.Argumen
     add("--hessian_token_stride", type=int, default=1, metavar="N",
         help="gptq, awq, --exclude_most_sensitive: gather the calibration Hessian from every N-th token of each sample "
              "(default 1: all); its in-graph products cost about as much as the model's own MatMuls, N divides that cost")
+    add("--sq_num_calib_data", type=int, default=None, metavar="N",
+        help="SmoothQuant: choose the scales from the channel maxima of the first N calibration samples (default: "
+             "all); the quantizer's ranges and Hessians still use every sample. When R4 or Hadamard groups follow "
+             "smoothing, the smoothing pass then runs on N samples only (the main job: 16 of 64)")
     add("--include_rotation", action="store_true", help="apply the QuaRot R1 rotation")
     add("--r_config_path", default=None, help="rotation config JSON (default: rotation_configs/<family>.json)")
     add("--hidden_size", type=int, default=None, help="rotation size; must equal the model's hidden size")
@@ -157,11 +161,17 @@ def settings_from_args(args) -> QuantizeSettings:
         fail(f"--exclude_most_sensitive {args.exclude_most_sensitive} is negative; pass a count of MatMuls (0: none)")
     if args.hessian_token_stride < 1 or args.hessian_token_stride > args.seq_len:
         fail(f"--hessian_token_stride must be between 1 and --seq_len ({args.seq_len}), got {args.hessian_token_stride}")
+    if args.sq_num_calib_data is not None:
+        if not args.include_sq:
+            fail("--sq_num_calib_data applies to SmoothQuant; add --include_sq or drop --sq_num_calib_data")
+        if not 1 <= args.sq_num_calib_data <= args.num_calib_data:
+            fail(f"--sq_num_calib_data must be between 1 and --num_calib_data ({args.num_calib_data}), got {args.sq_num_calib_data}")
     if not 0 < args.segment_mb < float("inf"):
         fail(f"--segment_mb must be a positive number of MB, got {args.segment_mb:g}")
     return QuantizeSettings(scheme, rotation, sq_alpha, args.skip_quantization, sq_alpha_search=sq_alpha_search,
                             hadamard_group_size=group, r4=args.include_r4,
                             exclude_most_sensitive=args.exclude_most_sensitive, hessian_token_stride=args.hessian_token_stride,
+                            sq_num_calib_data=args.sq_num_calib_data,
                             segment_bytes=int(args.segment_mb * (1 << 20)))
 
 

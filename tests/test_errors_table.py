@@ -91,6 +91,13 @@ def test_bad_hessian_token_stride(source, tmp_path, stride):
                       "--hessian_token_stride must be between 1 and --seq_len")
 
 
+@pytest.mark.parametrize("flags, message", [(["--include_sq", "--sq_num_calib_data", "0"], "between 1 and --num_calib_data (4)"),
+                                           (["--include_sq", "--sq_num_calib_data", "5"], "between 1 and --num_calib_data (4)"),
+                                           (["--sq_num_calib_data", "2"], "add --include_sq")])
+def test_bad_sq_num_calib_data(source, tmp_path, flags, message):
+    assert_user_error(_quantize(source, tmp_path / "out", *flags), "--sq_num_calib_data", message)
+
+
 def test_unwritable_output_location(source, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")

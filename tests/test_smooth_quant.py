@@ -95,6 +95,29 @@ def test_one_pass_smoothquant_ranges_equal_a_second_calibration(tiny_models, tmp
         assert one[name] == pytest.approx(two[name], rel=1e-4), name
 
 
+def test_sq_num_calib_data_chooses_the_scales_from_the_first_samples(tiny_models, tmp_path, calib_text_path, monkeypatch, capsys):
+    """--sq_num_calib_data 2 of 6: the same smoothed model and ranges whether the smoothing pass is
+    carried (one pass over 6, scales from the first 2 samples' extrema) or runs alone on 2 samples
+    before the quantizer's pass over 6; and not the model that scales from all 6 give."""
+    import onnxquant.pipeline as pipeline
+    import onnxquant.quantize as quantize
+
+    flags = ["--input_model_path", str(tiny_models.onnx("tiny-llama-96")), "--calib_data", str(calib_text_path),
+             "--num_calib_data", "6", "--seq_len", "128", "--use_moving_average", "--moving_average_constant", "0.3",
+             "--include_sq"]
+    runs = {"all": ([], 1), "first2": (["--sq_num_calib_data", "2"], 1)}
+    for run, (extra, passes) in runs.items():
+        assert quantize.main([*flags, *extra, "--output_model_path", str(tmp_path / run)]) == 0
+        assert f"calibration_passes={passes}" in capsys.readouterr().out
+    monkeypatch.setattr(pipeline, "ONE_PASS_BUDGET_BYTES", 0)
+    assert quantize.main([*flags, "--sq_num_calib_data", "2", "--output_model_path", str(tmp_path / "two_passes")]) == 0
+    assert "calibration_passes=2" in capsys.readouterr().out
+    first2, two_passes, every = (_activation_scales(tmp_path / run) for run in ("first2", "two_passes", "all"))
+    assert first2.keys() == two_passes.keys() == every.keys()
+    assert all(first2[name] == pytest.approx(two_passes[name], rel=1e-4) for name in first2)
+    assert any(first2[name] != pytest.approx(every[name], rel=1e-3) for name in first2)
+
+
 def test_one_pass_hessians_equal_a_second_calibration(tiny_models, tmp_path, calib_text_path, monkeypatch, capsys):
     """GPTQ's Hessians carried from the smoothing pass as H / (s sᵀ) equal those a second ORT pass over
     the smoothed model sums, also where an explicit Mul renames the input (gate_proj left in float)."""
@@ -102,13 +125,13 @@ def test_one_pass_hessians_equal_a_second_calibration(tiny_models, tmp_path, cal
     import onnxquant.quantize as quantize
 
     seen: dict[str, list[np.ndarray]] = {"one": [], "two": []}
-    rounds = pipeline.gptq_round
+    factors = pipeline.factor_hessian
     flags = ["--input_model_path", str(tiny_models.onnx("tiny-llama-96")), "--calib_data", str(calib_text_path),
              "--num_calib_data", "6", "--seq_len", "128", "--use_moving_average", "--config", "INT8_PER_CHANNEL",
              "--include_rotation", "--include_sq", "--sq_alpha", "0.6", "--algo", "gptq", "--exclude", "gate_proj"]
     for run, budget, passes in (("one", pipeline.ONE_PASS_BUDGET_BYTES, 1), ("two", 0, 2)):
         monkeypatch.setattr(pipeline, "ONE_PASS_BUDGET_BYTES", budget)
-        monkeypatch.setattr(pipeline, "gptq_round", lambda w, h, *a, run=run: seen[run].append(np.array(h)) or rounds(w, h, *a))
+        monkeypatch.setattr(pipeline, "factor_hessian", lambda h, *a, run=run: seen[run].append(np.array(h)) or factors(h, *a))
         assert quantize.main([*flags, "--output_model_path", str(tmp_path / run)]) == 0
         assert f"calibration_passes={passes}" in capsys.readouterr().out
     assert len(seen["one"]) == len(seen["two"]) == 9  # 2 layers x (qkv, o, up, down) + lm_head

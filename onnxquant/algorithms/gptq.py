@@ -42,10 +42,14 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     down_proj input). Equal to the three-step route to 1e-15 relative.
     """
     mean_diag = float(np.mean(np.diag(h))) or 1.0
+    diagonal = np.arange(len(h))
     for attempt in range(6):
-        damped = h[::-1, ::-1] + (damp * 10 ** attempt) * mean_diag * np.eye(len(h))
+        damped = h[::-1, ::-1].copy()
+        damped[diagonal, diagonal] += (damp * 10 ** attempt) * mean_diag
         try:
-            lower = scipy.linalg.cholesky(damped, lower=True, overwrite_a=True)
+            # damped is symmetric, so its transpose is the same matrix in the Fortran order LAPACK
+            # wants: no conversion copy.
+            lower = scipy.linalg.cholesky(damped.T, lower=True, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:
             continue
         inverse, info = scipy.linalg.lapack.dtrtri(lower, lower=1, overwrite_c=1)
@@ -54,29 +58,43 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     raise np.linalg.LinAlgError("the Hessian is not positive definite even with strong dampening")
 
 
-def gptq_round(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, settings: GPTQSettings = GPTQSettings()) -> QuantizedWeight:
-    k, n = weight.shape
-    spec = nvfp4_tensor_scale(weight, spec)  # one per-tensor scale for every column chunk
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ needs of one input's Hessian, computed once for all the weights that read the input."""
+    dead: np.ndarray  # channels that never fired (zero diagonal): their rows are rounded as zero
+    importance: np.ndarray  # diag H, the clip search's row weights
+    order: np.ndarray  # processing order of the rows
+    hinv: np.ndarray  # upper Cholesky factor of the damped H⁻¹, in processing order
+
+
+def factor_hessian(hessian: np.ndarray, settings: GPTQSettings = GPTQSettings()) -> HessianFactor:
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    order = np.argsort(-np.diag(h), kind="stable") if settings.act_order else np.arange(k)
+    order = np.argsort(-np.diag(h), kind="stable") if settings.act_order else np.arange(len(h))
     importance = np.diag(h).copy()
-    hinv = _inverse_cholesky(h[np.ix_(order, order)], settings.damp)
-    del h
+    return HessianFactor(dead, importance, order, _inverse_cholesky(h[np.ix_(order, order)], settings.damp))
+
+
+def gptq_round(weight: np.ndarray, hessian: np.ndarray | HessianFactor, spec: QuantSpec,
+               settings: GPTQSettings = GPTQSettings()) -> QuantizedWeight:
+    k, n = weight.shape
+    spec = nvfp4_tensor_scale(weight, spec)  # one per-tensor scale for every column chunk
+    factor = hessian if isinstance(hessian, HessianFactor) else factor_hessian(hessian, settings)
     # Each output column's updates involve only that column, so columns are rounded in chunks; a
     # per-tensor grid is fixed from the whole weight first and shared by every chunk.
     shared = round_to_nearest(weight, spec) if spec.granularity == "per_tensor" else None
-    parts = [_gptq_columns(weight[:, cols], dead, importance, order, hinv, spec, settings, shared)
+    parts = [_gptq_columns(weight[:, cols], factor, spec, settings, shared)
              for cols in column_chunks(n, settings.columns_per_chunk)]
     if shared is not None:
         return QuantizedWeight(np.concatenate([part.codes for part in parts], axis=1), shared.scale, shared.zero_point, spec, k)
     return concat_columns(parts)
 
 
-def _gptq_columns(weight: np.ndarray, dead: np.ndarray, importance: np.ndarray, order: np.ndarray, hinv: np.ndarray,
-                  spec: QuantSpec, settings: GPTQSettings, shared: QuantizedWeight | None = None) -> QuantizedWeight:
+def _gptq_columns(weight: np.ndarray, factor: HessianFactor, spec: QuantSpec, settings: GPTQSettings,
+                  shared: QuantizedWeight | None = None) -> QuantizedWeight:
     k, n = weight.shape
+    dead, importance, order, hinv = factor.dead, factor.importance, factor.order, factor.hinv
     w = np.array(weight, dtype=np.float64)  # [K, N]: row k is input channel k
     w[dead] = 0.0
     if shared is not None:
@@ -95,28 +113,31 @@ def _gptq_columns(weight: np.ndarray, dead: np.ndarray, importance: np.ndarray, 
         block_zero = np.broadcast_to(np.asarray(grid.zero_point, np.float64), (n,))[None, :]
         row_block = np.zeros(k, dtype=np.int64)
     w = w[order]
-    codes = np.zeros((k, n), dtype=spec.numpy_dtype)
-    position = np.argsort(order)  # where each input row is processed
+    codes = np.zeros((k, n), dtype=np.float64)  # code values, in processing order
+    # The processing position of each row's pair partner (rows 2j and 2j+1), when that partner came first.
+    partner = order ^ 1
+    partner_position = np.where(partner < k, np.argsort(order)[np.minimum(partner, k - 1)], k)
+    clamped = spec.pair_safe & (partner_position < np.arange(k))
     for start in range(0, k, settings.batch):
         end = min(start + settings.batch, k)
-        block = w[start:end].copy()
+        block = w[start:end]
+        # Row i of the block only needs the errors of rows before it: one product when its turn comes
+        # (inside[i, :i] @ errors[:i]) instead of updating every later row after each one.
+        inside = np.ascontiguousarray(hinv[start:end, start:end].T)
         errors = np.zeros_like(block)
         for i in range(end - start):
             row = start + i
             scale, zero = block_scale[row_block[row]], block_zero[row_block[row]]
-            q = round_codes(block[i] / scale, zero, spec)
-            partner = order[row] ^ 1
-            if spec.pair_safe and partner < k and position[partner] < row:
+            current = block[i] - inside[i, :i] @ errors[:i] if i else block[i]
+            q = round_codes(current / scale, zero, spec)
+            if clamped[row]:
                 # Keep |q_k| + |q_partner| <= PAIR_LIMIT, as the RTN grid does, whatever the updates did.
-                limit = PAIR_LIMIT - np.abs(codes[position[partner]].astype(np.int32))
-                q = np.clip(q, -limit, limit).astype(q.dtype)
+                limit = PAIR_LIMIT - np.abs(codes[partner_position[row]])
+                np.clip(q, -limit, limit, out=q)
             codes[row] = q
-            error = (block[i] - (q - zero) * scale) / hinv[row, row]
-            block[i:] -= np.outer(hinv[row, row:end], error)
-            errors[i] = error
+            errors[i] = (current - (q - zero) * scale) / hinv[row, row]
         w[end:] -= hinv[start:end, end:].T @ errors
-    inverse_order = np.argsort(order)
-    codes = codes[inverse_order]
+    codes = codes[np.argsort(order)].astype(spec.numpy_dtype)
     if spec.granularity != "per_block":
         return QuantizedWeight(codes, grid.scale, grid.zero_point, spec, k)
     # Back to MatMulNBits' [N, blocks, block] layout; padded rows hold the zero point (value 0).
