@@ -114,9 +114,17 @@ RECIPES = {r.name: r for r in (
            _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64",
               "--column_scales", "in_kernel")),
     Recipe("int8_pc+r1+sq_auto+r4+gptq+h64+hs4", "INT8_PER_CHANNEL + R1 + SmoothQuant with per-activation alpha + R4 + GPTQ "
-           "(Hessians from every 4th calibration token) + groups of 64 (the README main job)",
+           "(Hessians from every 4th calibration token) + groups of 64 (the README main job before --sq_num_calib_data)",
            _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--include_r4", "--algo", "gptq", "--hadamard_group_size", "64",
               "--hessian_token_stride", "4")),
+    Recipe("int8_pc+r1+sq_auto+r4+gptq+h64+sq16+hs8", "INT8_PER_CHANNEL + R1 + SmoothQuant with per-activation alpha from "
+           "the first 16 samples + R4 + GPTQ (Hessians from every 8th token) + groups of 64 (the README main job)",
+           _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--sq_num_calib_data", "16", "--include_r4", "--algo", "gptq",
+              "--hadamard_group_size", "64", "--hessian_token_stride", "8")),
+    Recipe("int8+r1+sq+r4+gptq+h64+sq16+hs8", "INT8_TRANSFORMER_DEFAULT + R1 + SmoothQuant from the first 16 samples + R4 + "
+           "GPTQ (Hessians from every 8th token) + groups of 64",
+           _q("INT8_TRANSFORMER_DEFAULT", R1, SQ, "--sq_num_calib_data", "16", "--include_r4", "--algo", "gptq",
+              "--hadamard_group_size", "64", "--hessian_token_stride", "8")),
     Recipe("int8_pc+r1+sq_auto+gptq", "INT8_PER_CHANNEL + R1 + SmoothQuant with per-activation alpha + GPTQ: one calibration "
            "pass (no online rotation after smoothing)",
            _q("INT8_PER_CHANNEL", R1, SQ, "--sq_alpha", "auto", "--algo", "gptq")),
