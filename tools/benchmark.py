@@ -99,6 +99,8 @@ RECIPES = {r.name: r for r in (
     Recipe("int8+r1+sq", "INT8_TRANSFORMER_DEFAULT + R1 + SmoothQuant", _q("INT8_TRANSFORMER_DEFAULT", R1, SQ)),
     Recipe("int8+r1+sq+gptq", "INT8_TRANSFORMER_DEFAULT + R1 + SmoothQuant + GPTQ weights",
            _q("INT8_TRANSFORMER_DEFAULT", R1, SQ, "--algo", "gptq")),
+    Recipe("int8+r1+sq+gptq+hs4", "INT8_TRANSFORMER_DEFAULT + R1 + SmoothQuant + GPTQ (Hessians from every 4th token): "
+           "one calibration pass", _q("INT8_TRANSFORMER_DEFAULT", R1, SQ, "--algo", "gptq", "--hessian_token_stride", "4")),
     Recipe("int8+r1+sq+gptq+h64", "INT8_TRANSFORMER_DEFAULT + R1 + SmoothQuant + GPTQ + Hadamard groups of 64 (o_proj's folded into v)",
            _q("INT8_TRANSFORMER_DEFAULT", R1, SQ, "--algo", "gptq", "--hadamard_group_size", "64")),
     Recipe("int8_pc+r1+sq+h64", "INT8_PER_CHANNEL + R1 + SmoothQuant + Hadamard groups of 64",
