@@ -353,10 +353,6 @@ class ChannelExtremaRecorder(Observer):
         self.mins.append(np.asarray(stats["cmin"], dtype=np.float32))
         self.maxs.append(np.asarray(stats["cmax"], dtype=np.float32))
 
-    @property
-    def absmax(self) -> np.ndarray:
-        return self.absmax_over()
-
     def absmax_over(self, samples: int | None = None) -> np.ndarray:
         """max |x| per channel over the first `samples` samples (None: all)."""
         mins, maxs = self.mins[:samples], self.maxs[:samples]

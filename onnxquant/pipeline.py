@@ -284,7 +284,7 @@ def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> np
         if ctx.state["extrema"]:
             ranges[alpha] = observer.replay(make_range_observer(scheme.calibration, scheme.activations), candidates[alpha]).range()
         else:
-            bound = float((observer.absmax / candidates[alpha]).max())
+            bound = float((absmax / candidates[alpha]).max())
             ranges[alpha] = (-bound, bound)
     errors = dict.fromkeys(SEARCH_ALPHAS, 0.0)
     for name in target.readers:  # one weight mapped at a time (read_initializer unmaps it after)
@@ -423,6 +423,7 @@ class _HessianRounder:
         self.readers_left = Counter(reader_input.values())
         self.settings = settings
         self.gptq = gptq
+        # Per input, what its readers are rounded with: GPTQ's HessianFactor, or diag H for the clip search.
         self.factors = {}
         # Rounding runs as the model is written; at 1.5B it takes minutes.
         self.progress = tqdm(total=len(reader_input), desc="gptq" if gptq else "clip search", unit="weight")
