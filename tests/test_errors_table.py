@@ -96,6 +96,7 @@ def test_bad_hessian_token_stride(source, tmp_path, stride):
                                            (["--sq_num_calib_data", "2"], "add --include_sq")])
 def test_bad_sq_num_calib_data(source, tmp_path, flags, message):
     assert_user_error(_quantize(source, tmp_path / "out", *flags), "--sq_num_calib_data", message)
+    assert _nothing_beside(tmp_path / "out")
 
 
 def test_unwritable_output_location(source, tmp_path):
