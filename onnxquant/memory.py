@@ -3,7 +3,9 @@ before the program it measures)."""
 
 from __future__ import annotations
 
+import ctypes
 import resource
+import sys
 
 
 def peak_rss_mb() -> float:
@@ -21,3 +23,21 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def share_one_malloc_arena() -> None:
+    """Make every thread allocate from glibc's main malloc arena.
+
+    glibc gives each allocating thread an arena of its own and keeps the memory freed there for
+    reuse; weights rounded on two threads (emitters.RoundingAhead) then left about 320 MB more peak
+    RSS on SmolLM2 (1697 MB against 1378) for the same work. One arena measured the same peak as
+    rounding on one thread, and no slower. Call it before threads start; a no-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from onnxquant.algorithms.awq import awq_scales
@@ -51,6 +53,7 @@ from onnxquant.patterns import GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
 from onnxquant.rotation_config import load_rotation_config, refuse_sandwich_norms, resolve_pairs
 from onnxquant.scale_folding import fold_targets
+from onnxquant.runtime import usable_cores
 from onnxquant.schemes import QuantScheme
 from onnxquant.segments import DEFAULT_SEGMENT_MB
 from onnxquant.spec import QuantSpec
@@ -415,7 +418,9 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
 class _HessianRounder:
     """Rounds each planned weight with GPTQ (or H-weighted clip search) from its input's Hessian,
     divided by any AWQ scales that were folded into that input. An input's Hessian is factored once
-    for all the weights that read it, and dropped once the last of them has been rounded."""
+    for all the weights that read it, and dropped once the last of them has been rounded.
+    Thread-safe: weights are rounded on several threads (emitters.RoundingAhead); the first reader
+    of an input factors its Hessian while the others wait for it."""
 
     def __init__(self, hessians: SpillingStore, reader_input: dict[str, str], settings: GPTQSettings, gptq: bool):
         self.hessians = hessians
@@ -425,24 +430,35 @@ class _HessianRounder:
         self.gptq = gptq
         # Per input, what its readers are rounded with: GPTQ's HessianFactor, or diag H for the clip search.
         self.factors = {}
+        self.lock = threading.Lock()
+        self.input_locks = {activation: threading.Lock() for activation in self.readers_left}
         # Rounding runs as the model is written; at 1.5B it takes minutes.
         self.progress = tqdm(total=len(reader_input), desc="gptq" if gptq else "clip search", unit="weight")
 
+    def _factor(self, activation: str):
+        with self.input_locks[activation]:
+            if activation not in self.factors:
+                with self.lock:
+                    hessian = self.hessians.get(activation)
+                    if hessian is not None:
+                        del self.hessians[activation]
+                if hessian is None:
+                    return None
+                self.factors[activation] = factor_hessian(hessian, self.settings) if self.gptq else np.diag(hessian).copy()
+            return self.factors[activation]
+
     def __call__(self, node_name: str, weight: np.ndarray, spec: QuantSpec):
         activation = self.reader_input.get(node_name)
-        if activation not in self.factors:
-            hessian = self.hessians.get(activation)
-            if hessian is None:
-                return nearest_rounder(node_name, weight, spec)
-            self.factors[activation] = factor_hessian(hessian, self.settings) if self.gptq else np.diag(hessian).copy()
-            del self.hessians[activation]
-        self.progress.update()
-        if self.progress.n == self.progress.total:
-            self.progress.close()
-        factor = self.factors[activation]
-        self.readers_left[activation] -= 1
-        if self.readers_left[activation] == 0:
-            del self.factors[activation]
+        factor = self._factor(activation) if activation in self.input_locks else None
+        if factor is None:
+            return nearest_rounder(node_name, weight, spec)
+        with self.lock:
+            self.progress.update()
+            if self.progress.n == self.progress.total:
+                self.progress.close()
+            self.readers_left[activation] -= 1
+            if self.readers_left[activation] == 0:
+                del self.factors[activation]
         if self.gptq:
             return gptq_round(weight, factor, spec, self.settings)
         return clip_search(weight, spec, factor)
@@ -473,7 +489,8 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
     description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}
     if ctx.report.kept_float:
         description["kept_float"] = ctx.report.kept_float
-    quantize = QuantizeGraphPass(plan, ranges, description, rounder, scheme.accuracy_level, scheme.column_scales)
+    quantize = QuantizeGraphPass(plan, ranges, description, rounder, scheme.accuracy_level, scheme.column_scales,
+                                 rounding_workers=usable_cores())
     ctx.state["quantize"] = quantize
     return passes + [quantize]
 
@@ -614,7 +631,9 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
         elif stage.checkpoint:
             unsaved = True
     # Weights are rounded (GPTQ included) as they are written, so this phase holds the rounding too.
-    with times.phase("round_and_write"):
+    # The rounding threads (emitters.RoundingAhead) each take one core: BLAS threads on top only
+    # contend with them (GPTQ's small products ran slower on two BLAS threads than on one).
+    with times.phase("round_and_write"), threadpool_limits(1, user_api="blas"):
         _save_result(ctx, output_model)
     report.seconds = time.perf_counter() - start
     return report

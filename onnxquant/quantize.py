@@ -14,7 +14,7 @@ from onnxquant.data import cut_windows, resolve_text, tokenize_prefix
 from onnxquant.emitters.qdq import has_column_scales
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import copy_sidecar_files, model_bytes, open_genai_folder, standard_model_name
-from onnxquant.memory import peak_rss_mb
+from onnxquant.memory import peak_rss_mb, share_one_malloc_arena
 from onnxquant.pipeline import QuantizeSettings, RotationSettings, quantize_model
 from onnxquant.schemes import ALGORITHMS, COLUMN_SCALE_PLACEMENTS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
 from onnxquant.segments import DEFAULT_SEGMENT_MB
@@ -178,6 +178,7 @@ def settings_from_args(args) -> QuantizeSettings:
 def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantize") -> int:
     args = build_parser(prog).parse_args(argv)
     settings = settings_from_args(args)
+    share_one_malloc_arena()
     folder = open_genai_folder(args.input_model_path)
     out = Path(args.output_model_path)
     output_dir, output_name = (out.parent, out.name) if out.suffix == ".onnx" else (out, "model.onnx")

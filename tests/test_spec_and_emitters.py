@@ -90,3 +90,58 @@ def test_padded_blocks_keep_the_weight_and_pad_with_zeros():
     blocks = padded_blocks(weight, 4)
     assert blocks.shape == (2, 2, 4)
     assert blocks[0, 1].tolist() == [8.0, 0.0, 0.0, 0.0]
+
+
+def _chain(path, weights):
+    """x -> MatMul(w0) -> MatMul(w1) -> ..., the weights as initializers in that order."""
+    nodes, names = [], ["x"]
+    for i in range(len(weights)):
+        names.append(f"y{i}")
+        nodes.append(helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]], name=f"/chain/MatMul{i}"))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+                              [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [None, 8])],
+                              [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+
+
+def _write_with_rounding_ahead(tmp_path, workers: int, budget_in_weights: int) -> tuple[bytes, int]:
+    """(the written weight bytes, the most weights that were ever rounding at once)."""
+    import threading
+    import time
+
+    from onnxquant.emitters import RoundingAhead
+
+    rng = np.random.default_rng(2)
+    weights = [rng.standard_normal((8, 8)).astype(np.float32) for _ in range(6)]
+    _chain(tmp_path / "chain.onnx", weights)
+    running, most, lock = [0], [0], threading.Lock()
+
+    def slow_rounder(name, weight, spec):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # long enough for a second worker, if allowed, to start meanwhile
+        with lock:
+            running[0] -= 1
+        return round_to_nearest(weight, spec)
+
+    model = ir.load(tmp_path / "chain.onnx")
+    ahead = RoundingAhead(workers)
+    ctx = EmitContext(model.graph, slow_rounder, ahead=ahead)
+    for node in list(model.graph):
+        EMITTERS[("MatMul", "qdq")](ctx, node, PlannedNode(node.name, "MatMul", QuantSpec("int8", "per_channel")))
+    ahead.budget_bytes = budget_in_weights * weights[0].nbytes
+    ir.save(model, tmp_path / f"q{workers}.onnx", external_data=f"q{workers}.data")
+    return (tmp_path / f"q{workers}.data").read_bytes(), most[0]
+
+
+def test_rounding_ahead_on_two_threads_writes_the_same_bytes(tmp_path):
+    serial, one_at_a_time = _write_with_rounding_ahead(tmp_path, workers=1, budget_in_weights=2)
+    threaded, at_once = _write_with_rounding_ahead(tmp_path, workers=2, budget_in_weights=2)
+    assert threaded == serial
+    assert (one_at_a_time, at_once) == (1, 2)
+
+
+def test_rounding_ahead_starts_no_weight_beyond_its_byte_budget(tmp_path):
+    _, at_once = _write_with_rounding_ahead(tmp_path, workers=2, budget_in_weights=1)
+    assert at_once == 1

@@ -13,12 +13,14 @@ to the function that rewrites the node:
   DequantizeLinear (MXFP8, MXFP4, NVFP4), standard ONNX.
 
 Weights are rounded by a `WeightRounder` (round to nearest, or GPTQ from onnxquant.algorithms)
-when the model is written, one weight at a time.
+when the model is written; `RoundingAhead` rounds the next few on worker threads meanwhile.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
@@ -37,36 +39,115 @@ def nearest_rounder(node_name: str, weight: np.ndarray, spec: QuantSpec) -> Quan
     return round_to_nearest(weight, spec)
 
 
+class RoundingAhead:
+    """Rounds the weights that come next on worker threads while the writer writes the current one.
+
+    onnx_ir writes initializers in declaration order, the order in which the emitters created their
+    `LazyQuantized`; when the writer first reads weight i, weights i+1 ... i+workers-1 start rounding
+    on the pool. Rounding is a pure function of the weight and its statistics, so the bytes written
+    are the same as one at a time (workers=1 rounds each weight on the writer's thread when it is
+    read). Memory stays that of one at a time: a weight starts ahead only while the weights in
+    flight, with it, hold no more bytes than the largest one (lm_head, the embedding) does alone.
+    Reading a source tensor (an mmap, or a chain of lazy transforms) is serialized by one lock: two
+    weights may share one (an untied embedding and lm_head) and onnx_ir's tensors are not
+    thread-safe; rounding itself runs in parallel.
+    """
+
+    def __init__(self, workers: int = 1):
+        self.workers = max(1, workers)
+        self.queue: list[LazyQuantized] = []
+        self.lock = threading.Lock()
+        self.source_lock = threading.Lock()
+        self.executor: ThreadPoolExecutor | None = None
+        self.in_flight_bytes = 0
+        self.budget_bytes: int | None = None
+
+    def add(self, lazy: LazyQuantized) -> int:
+        self.queue.append(lazy)
+        return len(self.queue) - 1
+
+    def reached(self, position: int) -> None:
+        """The writer needs weight `position` now: start it and, within the budget, the next workers-1."""
+        if self.workers == 1:
+            return
+        with self.lock:
+            if self.budget_bytes is None:
+                self.budget_bytes = max(lazy.nbytes for lazy in self.queue)
+            if self.executor is None:
+                self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="rounding")
+            self.queue[position].start(self.executor)
+            for lazy in self.queue[position + 1: position + self.workers]:
+                if lazy.future is None and self.in_flight_bytes + lazy.nbytes > self.budget_bytes:
+                    break
+                lazy.start(self.executor)
+            if position + self.workers >= len(self.queue):
+                self.executor.shutdown(wait=False)  # the last weights are under way; running ones finish
+                self.executor = None
+
+    def finished(self, nbytes: int) -> None:
+        with self.lock:
+            self.in_flight_bytes -= nbytes
+
+
 @dataclass
 class EmitContext:
     graph: ir.Graph
     rounder: WeightRounder = nearest_rounder
     accuracy_level: int = 0
     column_scales: str = "after_matmul"  # schemes.COLUMN_SCALE_PLACEMENTS
+    ahead: RoundingAhead = field(default_factory=RoundingAhead)
 
 
 class LazyQuantized:
     """The rounded form of one weight, computed when the first of its `parts` initializers is
-    written and dropped once all of them have been, so only one weight is held at a time."""
+    written (or earlier, by `ahead`'s workers) and dropped once all of them have been."""
 
-    def __init__(self, source: ir.Value, compute: Callable[[np.ndarray], dict[str, np.ndarray]], parts: int):
+    def __init__(self, source: ir.Value, compute: Callable[[np.ndarray], dict[str, np.ndarray]], parts: int,
+                 ahead: RoundingAhead | None = None):
         self.tensor = source.const_value
         self.compute = compute
         self.remaining = parts
+        self.ahead = ahead or RoundingAhead()
+        self.position = self.ahead.add(self)
+        self.future: Future | None = None
         self.cache: dict[str, np.ndarray] | None = None
+        self.lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.nbytes
+
+    def start(self, executor: ThreadPoolExecutor) -> None:
+        """Submit the rounding (under the owner's lock)."""
+        if self.future is None and self.cache is None and self.remaining > 0:
+            self.ahead.in_flight_bytes += self.nbytes
+            self.future = executor.submit(self._rounded, True)
+
+    def _rounded(self, counted: bool = False) -> dict[str, np.ndarray]:
+        try:
+            with self.ahead.source_lock:
+                array = self.tensor.numpy()
+            result = self.compute(array)
+            del array
+            with self.ahead.source_lock:
+                release_tensor(self.tensor)
+            return result
+        finally:
+            if counted:
+                self.ahead.finished(self.nbytes)
 
     def part(self, key: str) -> Callable[[], np.ndarray]:
         def read() -> np.ndarray:
-            if self.cache is None:
-                array = self.tensor.numpy()
-                self.cache = self.compute(array)
-                del array
-                release_tensor(self.tensor)
-            result = self.cache[key]
-            self.remaining -= 1
-            if self.remaining == 0:
-                self.cache = None
-            return result
+            with self.lock:
+                if self.cache is None:
+                    self.ahead.reached(self.position)
+                    self.cache = self.future.result() if self.future is not None else self._rounded()
+                    self.future = None
+                result = self.cache[key]
+                self.remaining -= 1
+                if self.remaining == 0:
+                    self.cache = None
+                return result
 
         return read
 

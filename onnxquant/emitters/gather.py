@@ -37,7 +37,7 @@ def emit_int8_rows(ctx: EmitContext, gather: ir.Node, planned: PlannedNode) -> N
                            0, spec.numpy_dtype)
         return {"codes": codes, "scale": scale}
 
-    lazy = LazyQuantized(table, compute, parts=2)
+    lazy = LazyQuantized(table, compute, parts=2, ahead=ctx.ahead)
     codes = add_initializer(graph, f"{table.name}_quantized", lazy.part("codes"), dtype=spec.element.ir_dtype,
                             shape=(vocab, hidden))
     scale = add_initializer(graph, f"{table.name}_row_scale", lazy.part("scale"), dtype=ir.DataType.FLOAT, shape=(vocab,))
@@ -72,7 +72,7 @@ def emit_gather_block_quantized(ctx: EmitContext, gather: ir.Node, planned: Plan
             parts["zero_point"] = pack_nibbles(zero_point.astype(np.uint8))
         return parts
 
-    lazy = LazyQuantized(table, compute, parts=2 if spec.symmetric else 3)
+    lazy = LazyQuantized(table, compute, parts=2 if spec.symmetric else 3, ahead=ctx.ahead)
     inputs = [add_initializer(graph, f"{table.name}_Q4", lazy.part("data"), dtype=ir.DataType.UINT8, shape=(vocab, padded // 2)),
               gather.inputs[1],
               add_initializer(graph, f"{table.name}_scales", lazy.part("scale"), dtype=ir.DataType.FLOAT, shape=(vocab, blocks))]

@@ -56,7 +56,7 @@ def emit_matmul_nbits(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -
         return nbits_parts(rounded.codes, rounded.scale, rounded.zero_point, spec)
 
     parts = 2 if spec.symmetric else 3
-    lazy = LazyQuantized(weight, compute, parts)
+    lazy = LazyQuantized(weight, compute, parts, ctx.ahead)
     inputs = [matmul.inputs[0],
               add_initializer(graph, f"{weight.name}_Q{spec.bits}", lazy.part("data"), dtype=ir.DataType.UINT8,
                               shape=(n, blocks, blob)),

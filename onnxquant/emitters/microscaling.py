@@ -42,7 +42,7 @@ def emit_microscaling_weight(ctx: EmitContext, matmul: ir.Node, planned: Planned
                 "tensor_scale": np.asarray(rounded.tensor_scale, np.float32)}
 
     parts = 3 if spec.scale_dtype == "e4m3" else 2
-    lazy = LazyQuantized(weight, compute, parts=parts)
+    lazy = LazyQuantized(weight, compute, parts=parts, ahead=ctx.ahead)
     codes = add_initializer(graph, f"{weight.name}_codes", lazy.part("codes"), dtype=spec.element.ir_dtype, shape=(k, n))
     scale = add_initializer(graph, f"{weight.name}_block_scale", lazy.part("scale"), dtype=scale_ir, shape=(k // block, n))
     nodes = []

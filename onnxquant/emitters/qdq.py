@@ -48,7 +48,7 @@ def emit_qdq_weight(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -> 
         return {"codes": rounded.codes, "scale": np.asarray(rounded.scale, np.float32).reshape(grid_shape),
                 "zero_point": np.asarray(rounded.zero_point, spec.numpy_dtype).reshape(grid_shape)}
 
-    lazy = LazyQuantized(weight, compute, parts=2 if zero_is_default(spec) else 3)
+    lazy = LazyQuantized(weight, compute, parts=2 if zero_is_default(spec) else 3, ahead=ctx.ahead)
     codes = add_initializer(graph, f"{weight.name}_quantized", lazy.part("codes"), dtype=spec.element.ir_dtype, shape=(k, n))
     scale = add_initializer(graph, f"{weight.name}_scale", lazy.part("scale"), dtype=ir.DataType.FLOAT, shape=grid_shape)
     if scales_after:

@@ -6,7 +6,7 @@ import json
 
 import onnx_ir as ir
 
-from onnxquant.emitters import EMITTERS, EmitContext, WeightRounder, nearest_rounder, weight_format
+from onnxquant.emitters import EMITTERS, EmitContext, RoundingAhead, WeightRounder, nearest_rounder, weight_format
 from onnxquant.emitters.dynamic_microscaling import emit_activation_microscaling
 from onnxquant.emitters.qdq import emit_activation_qdq
 from onnxquant.patterns import QUANT_METADATA_KEY, nodes_by_name
@@ -20,12 +20,13 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
     the "qdq" format gets one `QuantizeLinear -> DequantizeLinear` pair with the static range of
     `ranges[activation]`, shared by all its readers; with a microscaling activation grid, readers
     on the "microscaling" format share one run-time per-block quantization subgraph. Weights are
-    rounded by `rounder` when the model is written. The model's metadata records the scheme.
+    rounded by `rounder` when the model is written, on `rounding_workers` threads (the rounder must then
+    be thread-safe). The model's metadata records the scheme.
     """
 
     def __init__(self, plan: QuantPlan, ranges: dict[str, tuple[float, float]], description: dict,
                  rounder: WeightRounder = nearest_rounder, accuracy_level: int = 0,
-                 column_scales: str = "after_matmul"):
+                 column_scales: str = "after_matmul", rounding_workers: int = 1):
         super().__init__()
         self.plan = plan
         self.ranges = ranges
@@ -33,6 +34,7 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
         self.rounder = rounder
         self.accuracy_level = accuracy_level
         self.column_scales = column_scales
+        self.rounding_workers = rounding_workers
         self.quantized_nodes = 0
 
     def requires(self, model: ir.Model) -> None:
@@ -46,7 +48,7 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         by_name = nodes_by_name(graph)
-        ctx = EmitContext(graph, self.rounder, self.accuracy_level, self.column_scales)
+        ctx = EmitContext(graph, self.rounder, self.accuracy_level, self.column_scales, RoundingAhead(self.rounding_workers))
         spec = self.plan.activation_spec
         if spec is not None:
             dynamic = spec.granularity == "per_block"
