@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -275,8 +276,8 @@ def _scale_absmax(ctx: StageContext, activation: str) -> np.ndarray:
     return observer.absmax
 
 
-def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> np.ndarray:
-    """The smoothing scales of the SEARCH_ALPHAS candidate with the least modelled output error."""
+def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> tuple[np.ndarray, float]:
+    """The smoothing scales of the SEARCH_ALPHAS candidate with the least modelled output error, and its alpha."""
     scheme, by_name = ctx.settings.scheme, nodes_by_name(ctx.model.graph)
     observer = ctx.state["observers"][target.activation]
     absmax = _scale_absmax(ctx, target.activation)
@@ -297,18 +298,27 @@ def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> np
         for alpha, error in zip(SEARCH_ALPHAS, per_alpha):
             errors[alpha] += error
     alpha = choose_alpha(errors)
-    ctx.report.sq_alphas.append(alpha)
-    return candidates[alpha]
+    return candidates[alpha], alpha
 
 
 def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
     targets, observers = ctx.state["targets"], ctx.state["observers"]
-    alpha = ctx.settings.sq_alpha
-    scales = {}
-    for t in tqdm(targets, desc="SmoothQuant alpha search", unit="activation", disable=not ctx.settings.sq_alpha_search):
+    alpha, search = ctx.settings.sq_alpha, ctx.settings.sq_alpha_search
+
+    def scales_and_alpha(t) -> tuple[np.ndarray, float]:
         weight_absmax = _weight_row_absmax(ctx.model.graph, t.readers)
-        scales[t.activation] = (_searched_scales(ctx, t, weight_absmax) if ctx.settings.sq_alpha_search
-                                else target_scales(t, _scale_absmax(ctx, t.activation), weight_absmax, alpha))
+        if search:
+            return _searched_scales(ctx, t, weight_absmax)
+        return target_scales(t, _scale_absmax(ctx, t.activation), weight_absmax, alpha), alpha
+
+    # Activations are searched on one thread per core (each reads only its own readers' weights);
+    # numpy's large operations release the GIL, and BLAS threads on top would only contend.
+    with ThreadPoolExecutor(usable_cores() if search else 1) as pool, threadpool_limits(1, user_api="blas"):
+        results = list(tqdm(pool.map(scales_and_alpha, targets), total=len(targets), desc="SmoothQuant alpha search",
+                            unit="activation", disable=not search))
+    scales = {t.activation: result[0] for t, result in zip(targets, results)}
+    if search:
+        ctx.report.sq_alphas.extend(result[1] for result in results)
     ctx.report.smoothed = len(targets)
     if ctx.state["carry"]:
         _carry_statistics(ctx, targets, scales)
