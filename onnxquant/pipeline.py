@@ -53,8 +53,8 @@ from onnxquant.passes.online_hadamard import OnlineHadamardPass, r4_activations
 from onnxquant.patterns import GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
 from onnxquant.rotation_config import load_rotation_config, refuse_sandwich_norms, resolve_pairs
-from onnxquant.scale_folding import fold_targets
 from onnxquant.runtime import usable_cores
+from onnxquant.scale_folding import fold_targets
 from onnxquant.schemes import QuantScheme
 from onnxquant.segments import DEFAULT_SEGMENT_MB
 from onnxquant.spec import QuantSpec
