@@ -21,7 +21,6 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
-from tqdm import tqdm
 
 from onnxquant.genai_folder import GenAIFolder
 from onnxquant.runtime import prefill_feeds, session_options

@@ -302,7 +302,7 @@ def _searched_scales(ctx: StageContext, target, weight_absmax: np.ndarray) -> tu
 
 
 def _build_smoothing(ctx: StageContext) -> list[ir.passes.PassBase]:
-    targets, observers = ctx.state["targets"], ctx.state["observers"]
+    targets = ctx.state["targets"]
     alpha, search = ctx.settings.sq_alpha, ctx.settings.sq_alpha_search
 
     def scales_and_alpha(t) -> tuple[np.ndarray, float]:
