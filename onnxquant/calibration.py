@@ -283,8 +283,11 @@ class _TokenRowsObserver(Observer):
 
     def reductions(self, graph, value, tag):
         width = value.shape[-1] if value.shape is not None and isinstance(value.shape[-1], int) else -1
-        rows = _node(graph, "Reshape", [value, _constant(graph, f"{tag}/shape", np.array([-1, width], dtype=np.int64))],
-                     f"{tag}/rows")
+        if width > 0:
+            rows = _node(graph, "Reshape", [value, _constant(graph, f"{tag}/shape", np.array([-1, width], dtype=np.int64))],
+                         f"{tag}/rows")
+        else:  # a width only known at run time (plain decoders reshape heads back by computed shapes)
+            rows = _node(graph, "Flatten", [value], f"{tag}/rows", axis=-1)
         if self.token_stride > 1:
             rows = _node(graph, "Slice", [rows, *(_constant(graph, f"{tag}/{name}", np.array([v], dtype=np.int64)) for name, v in
                                                  (("start", 0), ("end", np.iinfo(np.int64).max), ("axis", 0), ("step", self.token_stride)))],

@@ -1,5 +1,6 @@
 """`python -m onnxquant.export`: a Hugging Face checkpoint (folder, GGUF file, or the embedded
-SmolLM2-135M-Instruct) -> an ONNX Runtime GenAI model folder, built by the ORT-GenAI model builder."""
+SmolLM2-135M-Instruct) -> an ONNX Runtime GenAI model folder, built by the ORT-GenAI model builder
+(default) or by Hugging Face optimum (`--exporter optimum`, a plain ONNX decoder with past key/values)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from onnxquant.checkpoint import ModelSource, float32_export_bytes, gguf_to_hf_folder, resolve_model_source
 from onnxquant.cli import HelpFormatter
 from onnxquant.errors import fail, run_cli
+from onnxquant.optimum_export import finish_folder, optimum_python, run_optimum
 from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
 
 BUILDER_MODULE = "onnxquant.builder_compat"  # the ORT-GenAI builder, adapted to transformers 5 configs
@@ -36,8 +38,10 @@ def _run_builder(hf_dir: Path, out_dir: Path, precision: str, execution_provider
         raise RuntimeError(f"the ORT-GenAI model builder failed (exit {result.returncode}); its last lines are above")
 
 
-def export_model(source: ModelSource, output: Path, precision: str = "fp32", execution_provider: str = "cpu") -> float:
-    """Export `source` into the new folder `output`; returns the wall seconds it took."""
+def export_model(source: ModelSource, output: Path, precision: str = "fp32", execution_provider: str = "cpu",
+                 optimum: str | None = None) -> float:
+    """Export `source` into the new folder `output` with the builder, or with optimum when `optimum` names
+    the interpreter that runs it; returns the wall seconds it took."""
     start = time.perf_counter()
     with staged_output_dir(output) as staging, tempfile.TemporaryDirectory(
         prefix=".onnxquant-export-", dir=output.absolute().parent
@@ -49,11 +53,16 @@ def export_model(source: ModelSource, output: Path, precision: str = "fp32", exe
             gguf_to_hf_folder(source.path, hf_dir)
         else:
             hf_dir = source.path
-        print(f"building the ONNX model with the ORT-GenAI model builder ({precision}, {execution_provider}) ...", flush=True)
-        _run_builder(hf_dir, staging, precision, execution_provider, work_dir)
+        if optimum is not None:
+            print("exporting the ONNX model with optimum (fp32, cpu) ...", flush=True)
+            run_optimum(optimum, hf_dir, staging, work_dir)
+            finish_folder(hf_dir, staging)
+        else:
+            print(f"building the ONNX model with the ORT-GenAI model builder ({precision}, {execution_provider}) ...", flush=True)
+            _run_builder(hf_dir, staging, precision, execution_provider, work_dir)
         missing = [name for name in GENAI_FOLDER_FILES if not (staging / name).is_file()]
         if missing:
-            raise RuntimeError(f"the builder wrote no {', '.join(missing)}")
+            raise RuntimeError(f"the exporter wrote no {', '.join(missing)}")
     return time.perf_counter() - start
 
 
@@ -65,6 +74,12 @@ def build_parser(prog: str = "python -m onnxquant.export") -> argparse.ArgumentP
     parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     parser.add_argument("--execution_provider", choices=("cpu", "cuda", "dml"), default="cpu",
                         help="device the model is built for (fp16 needs cuda or dml)")
+    parser.add_argument("--exporter", choices=("builder", "optimum"), default="builder",
+                        help="builder: the ORT-GenAI model builder (fused contrib ops); optimum: Hugging Face optimum's "
+                             "plain ONNX decoder with past key/values (fp32, cpu)")
+    parser.add_argument("--optimum_python", default=None,
+                        help="Python of an environment with optimum-onnx, which pins transformers<4.58 and so lives "
+                             "apart from onnxquant's (default: $ONNXQUANT_OPTIMUM_PYTHON, else this Python)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_path")
     return parser
 
@@ -75,11 +90,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.export"
     output = Path(args.output_path)
     check_output_dir(output, [source.path], args.overwrite)
     require_free_space(output, float32_export_bytes(source), f"exporting {source.path.name}")
+    optimum = None
+    if args.exporter == "optimum":
+        if (args.precision, args.execution_provider) != ("fp32", "cpu"):
+            fail("--exporter optimum writes fp32 models for the CPU; drop --precision and --execution_provider")
+        optimum = optimum_python(args.optimum_python)
+    elif args.optimum_python is not None:
+        fail("--optimum_python applies to --exporter optimum; add --exporter optimum or drop it")
     if args.precision == "fp16" and args.execution_provider == "cpu":
         fail("the ORT-GenAI builder makes fp16 models only for cuda or dml; use --precision fp32 for the CPU")
-    seconds = export_model(source, output, args.precision, args.execution_provider)
+    seconds = export_model(source, output, args.precision, args.execution_provider, optimum)
     size_mb = sum(f.stat().st_size for f in output.iterdir() if f.is_file()) / 1e6
-    print(f"exported {source.architecture} from {source.path} to {output}: size_mb={size_mb:.1f} seconds={seconds:.1f}")
+    print(f"exported {source.architecture} from {source.path} to {output} with {'optimum' if optimum else 'the ORT-GenAI builder'}: size_mb={size_mb:.1f} seconds={seconds:.1f}")
     return 0
 
 

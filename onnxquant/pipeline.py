@@ -1,7 +1,8 @@
 """The quantization pipeline: an ordered recipe of stages, each a set of graph passes plus what it
 needs from calibration, run on an ORT-GenAI folder.
 
-RECIPE = ROTATE (untie, fold norms, QuaRot R1) -> SMOOTH (SmoothQuant) -> R4 (online Hadamard on
+RECIPE = FUSE_NORMS (a plain decoder's RMSNorms into the builder's norm ops) -> ROTATE (untie, fold
+norms, QuaRot R1) -> SMOOTH (SmoothQuant) -> R4 (online Hadamard on
 down_proj inputs) -> HADAMARD_GROUPS (block-diagonal Hadamard on each remaining quantized MatMul's
 input) -> QUANTIZE (AWQ scales, then the emitters with RTN / GPTQ rounding). Without R4 and groups,
 SmoothQuant's calibration pass also serves the quantizer: each smoothed input's per-tensor ranges
@@ -49,10 +50,11 @@ from onnxquant.hadamard import rotation_matrix
 from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, HadamardGroupsPass,
                               QuantizeGraphPass, RotateR1Pass, UntieEmbeddingsPass)
 from onnxquant.passes.fold_channel_scales import scaled_activation_name
+from onnxquant.passes.fuse_norm_ops import FUSED_NORMS_METADATA_KEY, FuseNormOpsPass
 from onnxquant.passes.online_hadamard import OnlineHadamardPass, r4_activations
-from onnxquant.patterns import GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
+from onnxquant.patterns import NORM_OPS, GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
-from onnxquant.rotation_config import load_rotation_config, refuse_sandwich_norms, resolve_pairs
+from onnxquant.rotation_config import load_rotation_config, plain_decoder_pairs, refuse_sandwich_norms, resolve_pairs
 from onnxquant.runtime import usable_cores
 from onnxquant.scale_folding import fold_targets
 from onnxquant.schemes import QuantScheme
@@ -182,14 +184,26 @@ def _prepare_rotation(ctx: StageContext) -> list[Observation]:
 
 def _build_rotation(ctx: StageContext) -> list[ir.passes.PassBase]:
     settings, folder = ctx.settings.rotation, ctx.folder
-    config = load_rotation_config(settings.config_path, folder.model_type, folder.num_layers)
-    pairs = resolve_pairs(config, ctx.model.graph)
+    if FUSED_NORMS_METADATA_KEY in ctx.model.metadata_props and settings.config_path is None:
+        # A plain decoder's node names follow no family config: its pairs come from the graph itself.
+        pairs, source = plain_decoder_pairs(ctx.model.graph), "graph structure"
+    else:
+        config = load_rotation_config(settings.config_path, folder.model_type, folder.num_layers)
+        pairs, source = resolve_pairs(config, ctx.model.graph), config.source
     rotation = rotation_matrix(folder.hidden_size, settings.random_hadamard, settings.seed)
-    description = {"R1": folder.hidden_size, "matrix": rotation.kind, "seed": settings.seed, "config": config.source}
+    description = {"R1": folder.hidden_size, "matrix": rotation.kind, "seed": settings.seed, "config": source}
     # Hadamard groups on the residual stream's readers go into R1 itself: no online MatMul for them
     # (they then come before SmoothQuant's scales rather than after: SmolLM2 INT8_PER_CHANNEL + R1 + SQ
     # + R4 + GPTQ, groups of 64, 16 blocks: 21.2116 online, 21.1370 in R1).
     return [FoldNormIntoReadersPass(pairs), RotateR1Pass(pairs, rotation.matrix, description, ctx.settings.hadamard_group_size)]
+
+
+# --- FUSE NORMS ---------------------------------------------------------------------------------
+
+def _build_norm_fusion(ctx: StageContext) -> list[ir.passes.PassBase]:
+    if any(node.op_type in NORM_OPS for node in ctx.model.graph):
+        return []  # a builder graph
+    return [FuseNormOpsPass()]
 
 
 # --- SMOOTH -------------------------------------------------------------------------------------
@@ -548,13 +562,16 @@ def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: SpillingStore) -> Fo
     return FoldChannelScalesPass(targets, scales)
 
 
+# R1 and SmoothQuant fold into norm weights; a plain decoder gets its norms fused first.
+FUSE_NORMS = Stage("fuse_norms", lambda s: s.rotation is not None or s.sq_alpha is not None, lambda ctx: [],
+                   _build_norm_fusion, checkpoint=True)
 ROTATE = Stage("rotate", lambda s: s.rotation is not None, _prepare_rotation, _build_rotation, checkpoint=True)
 SMOOTH = Stage("smooth", lambda s: s.sq_alpha is not None, _prepare_smoothing, _build_smoothing, checkpoint=True)
 R4 = Stage("r4", lambda s: s.r4, _prepare_r4, _build_r4, checkpoint=True)
 HADAMARD_GROUPS = Stage("hadamard_groups", lambda s: s.hadamard_group_size is not None, _prepare_hadamard_groups,
                         _build_hadamard_groups, checkpoint=True)
 QUANTIZE = Stage("quantize", lambda s: not s.skip_quantization, _prepare_quantization, _build_quantization, checkpoint=False)
-RECIPE = (ROTATE, SMOOTH, R4, HADAMARD_GROUPS, QUANTIZE)
+RECIPE = (FUSE_NORMS, ROTATE, SMOOTH, R4, HADAMARD_GROUPS, QUANTIZE)
 
 
 def _user_error_in(exc: BaseException) -> UserError | None:
@@ -629,11 +646,14 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
             report.calibration_passes += 1
             report.calibration_segments = max(report.calibration_segments, run.segments)
         with times.phase(f"{stage.name}_passes"):
-            run_passes(ctx.model, stage.build(ctx))
+            passes = stage.build(ctx)
+            run_passes(ctx.model, passes)
         if "fold" in ctx.state:
             report.inserted_muls += ctx.state["fold"].inserted_muls
         if "quantize" in ctx.state:
             report.quantized_nodes = ctx.state["quantize"].quantized_nodes
+        if not passes:
+            continue
         if stage.checkpoint and after_checkpoint is not None:
             checkpoint(f"stage{number}-{stage.name}", f"{stage.name}_checkpoint")
             with times.phase(f"{stage.name}_verify"):

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnxquant.errors import fail
-from onnxquant.patterns import (NORM_OPS, ResolvedPair, is_const_matmul, is_embedding_gather, matmul_bias, nodes_by_name,
+from onnxquant.patterns import (NORM_OPS, ResolvedPair, is_const_matmul, is_embedding_gather, linear_producer, matmul_bias, nodes_by_name,
                                 residual_inputs, unscaled, writes_into)
 from onnxquant.resources import rotation_config_dir
 LAYER_SELECTORS = ("first", "rest", "all", "last")
@@ -202,3 +202,83 @@ def _check_writers(source: str, pair: ResolvedPair, writers: set[str]) -> None:
         if not any(writes_into(node, value) for value in inputs):
             fail(f"rotation config {source}: prev node {node.name!r} does not write the residual stream read by "
                  f"{norm.name!r}; list only that norm's writers in its prev_nodes")
+
+
+# Readers of a rotated tensor that see only its shape, which R1 keeps.
+SHAPE_READERS = frozenset({"Shape"})
+
+
+def _is_head_norm(norm: ir.Node) -> bool:
+    """A norm inside attention (Qwen3's q_norm / k_norm): it reads, through reshapes, a MatMul that
+    reads another norm, so R1 leaves its input, and it, unchanged."""
+    producer = norm.inputs[0].producer() if norm.inputs else None
+    while producer is not None and producer.op_type in HEAD_RESHAPES:
+        producer = producer.inputs[0].producer()
+    if producer is None or not is_const_matmul(producer):
+        return False
+    source = producer.inputs[0].producer()
+    return source is not None and source.op_type in NORM_OPS
+
+
+def plain_decoder_pairs(graph: ir.Graph) -> list[ResolvedPair]:
+    """R1 pairs found by structure, for a graph without builder node names (a plain decoder whose norms
+    FuseNormOpsPass fused): for each norm, its readers and the writers of its residual inputs.
+
+    The writers are found by walking back from each residual input through the residual Adds to
+    constant MatMuls (with their bias) and the embedding Gather, stopping at an earlier norm's residual
+    output. Anything else on that walk, a norm reader that is not a constant MatMul, or a residual
+    tensor read by something other than a norm, a residual Add or a Shape, would leave the rotation
+    inexact, so it is refused in one line.
+    """
+    def refuse(why: str) -> None:
+        fail(f"--include_rotation: {why}, so R1 cannot be folded into this graph exactly; quantize without "
+             "--include_rotation (SmoothQuant still applies)")
+
+    def check_residual_readers(value: ir.Value) -> None:
+        for use in value.uses():
+            if use.node.op_type not in NORM_OPS | SHAPE_READERS | {"Add"}:
+                refuse(f"{use.node.name!r} ({use.node.op_type}) reads the residual stream")
+
+    def collect(value: ir.Value, norm: ir.Node, writers: list[ir.Node]) -> None:
+        check_residual_readers(value)
+        base = unscaled(value)  # a constant scalar factor (Gemma's embedding scale) commutes with R1
+        if base is not value:
+            scale = value.producer()
+            for use in base.uses():
+                if use.node is not scale and use.node.op_type not in SHAPE_READERS:
+                    refuse(f"{use.node.name!r} ({use.node.op_type}) reads the residual stream")
+            value = base
+        producer = value.producer()
+        if producer is None:
+            refuse(f"{norm.name!r} reads a graph input")
+        if producer.op_type == "SkipSimplifiedLayerNormalization" and value is producer.outputs[-1]:
+            return
+        writer = producer if (is_embedding_gather(producer) or is_const_matmul(producer)) else linear_producer(value)
+        if writer is not None:
+            if writer not in writers:
+                writers.append(writer)
+            return
+        if producer.op_type != "Add" or producer.domain != "":
+            refuse(f"{producer.name!r} ({producer.op_type}) writes the residual stream read by {norm.name!r}")
+        for term in producer.inputs:
+            collect(term, norm, writers)
+
+    norms = [node for node in graph if node.op_type in NORM_OPS and not _is_head_norm(node)]
+    if not norms:
+        refuse("the graph has no RMSNorm the builder's or onnxscript's fusions recognise")
+    pairs = []
+    for norm in norms:
+        readers = [use.node for use in norm.outputs[0].uses()]
+        matmuls = tuple(node for node in readers if is_const_matmul(node) and node.inputs[0] is norm.outputs[0])
+        for node in readers:
+            if node not in matmuls and node.op_type not in SHAPE_READERS:
+                refuse(f"{node.name!r} ({node.op_type}) reads the norm {norm.name!r} and is not a MatMul with a constant weight")
+        if not matmuls:
+            refuse(f"nothing but shapes read the norm {norm.name!r}")
+        writers: list[ir.Node] = []
+        for value in residual_inputs(norm):
+            collect(value, norm, writers)
+        if norm.op_type == "SkipSimplifiedLayerNormalization" and len(norm.outputs) > 3:
+            check_residual_readers(norm.outputs[3])
+        pairs.append(ResolvedPair(tuple(writers), norm, matmuls))
+    return pairs

@@ -17,7 +17,7 @@ def _replace_output(graph: ir.Graph, gather: ir.Node, new_nodes: list[ir.Node]) 
     last = new_nodes[-1].outputs[0]
     output = gather.outputs[0]
     output.replace_all_uses_with(last, replace_graph_outputs=True)
-    last.dtype, last.shape = output.dtype, output.shape
+    last.type, last.shape = output.type, output.shape
     old_name = output.name
     graph.remove(gather, safe=True)
     last.name = old_name

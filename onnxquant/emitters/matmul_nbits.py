@@ -73,7 +73,7 @@ def emit_matmul_nbits(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -
     node = ir.node("MatMulNBits", inputs, attributes=attributes, domain="com.microsoft", name=f"{matmul.name}_Q{spec.bits}")
     graph.insert_before(matmul, node)
     output = matmul.outputs[0]
-    node.outputs[0].dtype, node.outputs[0].shape = output.dtype, output.shape
+    node.outputs[0].type, node.outputs[0].shape = output.type, output.shape
     output.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
     old_name = output.name
     graph.remove(matmul, safe=True)

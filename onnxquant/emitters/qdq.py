@@ -22,7 +22,7 @@ def emit_activation_qdq(graph: ir.Graph, readers: list[ir.Node], name: str, spec
     quant = ir.node("QuantizeLinear", [activation, scale_value, zp_value], name=f"{name}/QuantizeLinear")
     dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale_value, zp_value], name=f"{name}/DequantizeLinear")
     quant.outputs[0].name, dequant.outputs[0].name = f"{name}/quantized", f"{name}/dequantized"
-    dequant.outputs[0].dtype = activation.dtype
+    dequant.outputs[0].dtype = activation.dtype or ir.DataType.FLOAT
     graph.insert_before(readers[0], [quant, dequant])
     for reader in readers:
         reader.replace_input_with(0, dequant.outputs[0])
