@@ -2,8 +2,11 @@
 checkpoint, export it with the ORT-GenAI builder, compare its logits with transformers, quantize it
 (INT8_PER_CHANNEL W8A8 and UINT4 block 32), and run R1, SmoothQuant and Hadamard groups with
 --verify (each float stage's logits against the float model), printing one markdown row per family.
+With `--exporter optimum` the same runs on optimum's plain decoders (their R1 and SmoothQuant cells
+start with the norm fusion's own exactness figure).
 
     python tools/family_matrix.py [--workdir runs/families] [--recipes tiny-gemma2-96 ...]
+                                  [--exporter optimum --optimum_python .venv-optimum/bin/python]
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from onnxquant.checkpoint import resolve_model_source
+from onnxquant.errors import UserError
 from onnxquant.export import export_model
+from onnxquant.optimum_export import optimum_python
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.resources import model_recipe_dir
 from onnxquant.runtime import input_specs, make_session, prefill_feeds
@@ -60,19 +65,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/families")
     parser.add_argument("--recipes", nargs="*", default=None)
+    parser.add_argument("--exporter", choices=("builder", "optimum"), default="builder")
+    parser.add_argument("--optimum_python", default=None, help="see `onnxquant export --help`")
     args = parser.parse_args()
     workdir = Path(args.workdir)
+    optimum = optimum_python(args.optimum_python) if args.exporter == "optimum" else None
+    suffix = "-onnx" if optimum is None else "-optimum"
     recipes = args.recipes or sorted(p.stem for p in model_recipe_dir().glob("tiny-*.json"))
     print("| recipe | architecture | export vs transformers | INT8_PER_CHANNEL | UINT4 b32 | R1 (+ SQ) exact | SmoothQuant exact | "
           "Hadamard groups 16 exact |")
     print("|---|---|---|---|---|---|---|---|")
     for name in recipes:
-        hf_dir, onnx_dir = workdir / name, workdir / f"{name}-onnx"
+        hf_dir, onnx_dir = workdir / name, workdir / f"{name}{suffix}"
         if not hf_dir.exists():
             build_tiny_model(name, hf_dir)
+        architecture = resolve_model_source(str(hf_dir)).architecture
         if not onnx_dir.exists():
-            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the table
-                export_model(resolve_model_source(str(hf_dir)), onnx_dir)
+            try:
+                with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the table
+                    export_model(resolve_model_source(str(hf_dir)), onnx_dir, optimum=optimum)
+            except UserError as exc:
+                print(f"| {name} | {architecture} | export refused: {exc} |" + " |" * 5, flush=True)
+                continue
         out = workdir / "q"
         cells = [f"{export_error(hf_dir, onnx_dir):.1e}",
                  quantize(onnx_dir, out, "--config", "INT8_PER_CHANNEL"),
@@ -80,7 +94,6 @@ def main() -> None:
                  quantize(onnx_dir, out, "--skip_quantization", "--verify", "--include_rotation", "--include_sq"),
                  quantize(onnx_dir, out, "--skip_quantization", "--verify", "--include_sq"),
                  quantize(onnx_dir, out, "--skip_quantization", "--verify", "--hadamard_group_size", "16")]
-        architecture = resolve_model_source(str(hf_dir)).architecture
         print(f"| {name} | {architecture} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -16,9 +16,11 @@ class FuseNormOpsPass(ir.passes.InPlacePass):
         w * (x * Reciprocal(Sqrt(ReduceMean(x^2, -1) + eps)))  ->  SimplifiedLayerNormalization(x, w)
         that norm of Add(a, b)                                   ->  SkipSimplifiedLayerNormalization(a, b, w)
 
-    The matching is onnxscript's ORT fusion rules. Before them, onnxscript's optimizer folds constants
-    and infers types (the rules check dtypes), default attributes are spelled out (the rules match
-    ReduceMean's noop_with_empty_axes), and Div(1, x) becomes Reciprocal(x) (torch exports rsqrt so).
+    The matching is onnxscript's ORT fusion rules. Before them, onnxscript's constant folding folds
+    constants and infers types (the rules check dtypes), default attributes are spelled out (the rules
+    match ReduceMean's noop_with_empty_axes), and Div(1, x) becomes Reciprocal(x) (torch exports rsqrt
+    so). onnxscript's whole optimizer is not run: its general rewrite rules took 38 s on SmolLM2's
+    graph, the folding alone 0.5 s, and the fusions find the same 61 norms after either.
     A model that has builder norms already is left alone. Float results move by rounding only (the
     fused kernel sums in another order).
     """
@@ -31,7 +33,8 @@ class FuseNormOpsPass(ir.passes.InPlacePass):
 
         if any(node.op_type in NORM_OPS for node in model.graph):
             return ir.passes.PassResult(model, modified=False)
-        onnxscript.optimizer.optimize(model)
+        onnxscript.optimizer.fold_constants(model, onnx_shape_inference=True)
+        onnxscript.optimizer.remove_unused_nodes(model)
         ir.passes.common.AddDefaultAttributesPass()(model)
         reciprocal = pattern.RewriteRule(lambda op, x: op.Div(1.0, x), lambda op, x: op.Reciprocal(x))
         reciprocal.apply_to_model(model)
