@@ -584,6 +584,8 @@ def _user_error_in(exc: BaseException) -> UserError | None:
 
 def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> None:
     """Run passes in order; a user error raised inside one reaches the CLI as itself."""
+    if not passes:
+        return
     try:
         ir.passes.Sequential(*passes)(model)
     except (ir.passes.PassError, ir.passes.PreconditionError) as exc:

@@ -103,3 +103,12 @@ def test_ort_static_peer_is_w8a8_with_onnxquants_settings(tiny_models, tmp_path,
     ids = tokenize(source, test_text[:4000])[:256]
     ppl = {name: math.exp(window_nll(prefill_logits(tmp_path / name, ids)[0], ids)) for name in ("peer", "ours")}
     assert abs(ppl["peer"] / ppl["ours"] - 1) < 0.01, ppl
+
+
+def test_speed_note_skips_a_crashed_recipe():
+    sys.path.insert(0, str(TOOLS))
+    from benchmark import Row, speed_note
+
+    rows = [Row("float", 20.0, extra={"decode_spread": (40.0, 45.0)}), Row("broken", float("nan"), extra={"crashed": True})]
+    note = speed_note(rows)
+    assert "float 40.0–45.0" in note and "broken" not in note

@@ -409,8 +409,8 @@ class Bench:
 
 
 def speed_note(rows: list[Row]) -> str:
-    spreads = ", ".join(f"{row.config} {low:.1f}–{high:.1f}" for row in rows
-                        for low, high in [row.extra["decode_spread"]] if "decode_spread" in row.extra)
+    spreads = ", ".join(f"{row.config} {low:.1f}–{high:.1f}" for row in rows if "decode_spread" in row.extra
+                        for low, high in [row.extra["decode_spread"]])
     return (f"Speed: prefill_ms and decode_tok_s are medians of {SPEED_ROUNDS} interleaved rounds (every model "
             f"timed once per round, after a warm-up run). decode_tok_s min–max over the rounds: {spreads}.")
 
