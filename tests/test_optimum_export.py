@@ -148,3 +148,19 @@ def test_plain_decoder_residual_read_elsewhere_is_refused():
 
     with pytest.raises(UserError, match="'peek' \\(Relu\\) reads the residual stream"):
         plain_decoder_pairs(_plain_graph(extra_reader=True))
+
+
+def test_hessian_of_an_unshaped_activation_is_summed_inside_ort(tmp_path):
+    """optimum stores no activation shapes; the width comes from the reading MatMul's weight."""
+    from onnxquant.calibration import HessianObserver, build_calibration_model
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["n", 4]))
+    weight = ir.Value(name="W", const_value=ir.tensor(np.ones((4, 3), np.float32)))
+    weight.type, weight.shape = ir.TensorType(ir.DataType.FLOAT), weight.const_value.shape
+    relu = ir.node("Relu", [x], name="act")  # its output carries no shape, as in optimum's graphs
+    matmul = ir.node("MatMul", [relu.outputs[0], weight], name="proj")
+    relu.outputs[0].name = "hidden"
+    graph = ir.Graph([x], [matmul.outputs[0]], nodes=[relu, matmul], initializers=[weight], opset_imports={"": 18})
+    ir.save(ir.Model(graph, ir_version=9), tmp_path / "m.onnx")
+    calib = build_calibration_model(tmp_path / "m.onnx", [("hidden", HessianObserver())])
+    assert [total.shape for total in calib.running_sums] == [(4, 4)]
