@@ -13,6 +13,11 @@ from onnxquant.patterns import QUANT_METADATA_KEY, nodes_by_name
 from onnxquant.plan import QuantPlan
 
 
+FLOAT_CODE_TYPES = frozenset({ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2,
+                              ir.DataType.FLOAT8E5M2FNUZ, ir.DataType.FLOAT4E2M1, ir.DataType.FLOAT8E8M0})
+FLOAT_CODES_OPSET = 21
+
+
 class QuantizeGraphPass(ir.passes.InPlacePass):
     """Rewrite every planned node with the emitter for (its op, its grid's format).
 
@@ -65,4 +70,7 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
         model.metadata_props[QUANT_METADATA_KEY] = json.dumps(self.description)
         if any(weight_format(p) == "blocked" for p in self.plan.nodes.values()):
             model.opset_imports.setdefault("com.microsoft", 1)
+        if any(value.dtype in FLOAT_CODE_TYPES for value in graph.initializers.values()):
+            # DequantizeLinear reads float8 codes from opset 19 and blocks from 21; optimum exports opset 18.
+            model.opset_imports[""] = max(model.opset_imports.get("", 0), FLOAT_CODES_OPSET)
         return ir.passes.PassResult(model, modified=self.quantized_nodes > 0)
