@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
 from onnxquant.genai_folder import GenAIFolder
+from onnxquant.patterns import constant_weight
 from onnxquant.runtime import prefill_feeds, session_options
 from onnxquant.segments import DEFAULT_SEGMENT_MB, Segment, SegmentedModel
 from onnxquant.algorithms.range_search import mse_range
@@ -275,9 +276,8 @@ def _reader_width(value: ir.Value) -> int:
     static shape and is summed inside ORT: the per-sample K x K Hessians of SmolLM2's optimum graph,
     summed on the host instead, cost 5 s a sample and a 4.7 GB peak."""
     for use in value.uses():
-        node = use.node
-        weight = node.inputs[1] if node.op_type == "MatMul" and use.idx == 0 and len(node.inputs) > 1 else None
-        if weight is not None and weight.const_value is not None and len(weight.const_value.shape) == 2:
+        weight = constant_weight(use.node) if use.node.op_type == "MatMul" and use.idx == 0 else None
+        if weight is not None and len(weight.const_value.shape) == 2:
             return int(weight.const_value.shape[0])
     return -1
 

@@ -14,28 +14,26 @@ from pathlib import Path
 from onnxquant.checkpoint import ModelSource, float32_export_bytes, gguf_to_hf_folder, resolve_model_source
 from onnxquant.cli import HelpFormatter
 from onnxquant.errors import fail, run_cli
-from onnxquant.optimum_export import finish_folder, optimum_python, run_optimum
+from onnxquant.optimum_export import finish_folder, optimum_command, optimum_python
 from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
 
 BUILDER_MODULE = "onnxquant.builder_compat"  # the ORT-GenAI builder, adapted to transformers 5 configs
 GENAI_FOLDER_FILES = ("model.onnx", "genai_config.json", "tokenizer.json")
 
 
-def _run_builder(hf_dir: Path, out_dir: Path, precision: str, execution_provider: str, work_dir: Path) -> None:
-    """Run the ORT-GenAI model builder in a child process, its chatter kept in a log file."""
-    log_path = work_dir / "builder.log"
-    command = [
-        sys.executable, "-m", BUILDER_MODULE,
-        "-i", str(hf_dir), "-o", str(out_dir),
-        "-p", precision, "-e", execution_provider,
-        "-c", str(work_dir / "cache"),
-    ]
+def _run_logged(command: list[str], log_path: Path, what: str) -> None:
+    """Run an exporter in a child process, its chatter kept in `log_path`; on failure its last lines go to stderr."""
     with open(log_path, "w", encoding="utf-8") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
         sys.stderr.write("\n".join(tail) + "\n")
-        raise RuntimeError(f"the ORT-GenAI model builder failed (exit {result.returncode}); its last lines are above")
+        raise RuntimeError(f"{what} failed (exit {result.returncode}); its last lines are above")
+
+
+def _builder_command(hf_dir: Path, out_dir: Path, precision: str, execution_provider: str, work_dir: Path) -> list[str]:
+    return [sys.executable, "-m", BUILDER_MODULE, "-i", str(hf_dir), "-o", str(out_dir),
+            "-p", precision, "-e", execution_provider, "-c", str(work_dir / "cache")]
 
 
 def export_model(source: ModelSource, output: Path, precision: str = "fp32", execution_provider: str = "cpu",
@@ -55,11 +53,13 @@ def export_model(source: ModelSource, output: Path, precision: str = "fp32", exe
             hf_dir = source.path
         if optimum is not None:
             print("exporting the ONNX model with optimum (fp32, cpu) ...", flush=True)
-            run_optimum(optimum, hf_dir, staging, work_dir)
+            _run_logged(optimum_command(optimum, hf_dir, staging, work_dir), work_dir / "optimum.log",
+                        "optimum's ONNX exporter")
             finish_folder(hf_dir, staging)
         else:
             print(f"building the ONNX model with the ORT-GenAI model builder ({precision}, {execution_provider}) ...", flush=True)
-            _run_builder(hf_dir, staging, precision, execution_provider, work_dir)
+            _run_logged(_builder_command(hf_dir, staging, precision, execution_provider, work_dir),
+                        work_dir / "builder.log", "the ORT-GenAI model builder")
         missing = [name for name in GENAI_FOLDER_FILES if not (staging / name).is_file()]
         if missing:
             raise RuntimeError(f"the exporter wrote no {', '.join(missing)}")

@@ -84,18 +84,12 @@ def _transformers4_checkpoint(hf_dir: Path, work_dir: Path) -> Path:
     return shadow
 
 
-def run_optimum(python: str, hf_dir: Path, out_dir: Path, work_dir: Path) -> None:
-    """optimum's exporter in a child process (task text-generation-with-past), its chatter kept in a log file."""
-    log_path = work_dir / "optimum.log"
+def optimum_command(python: str, hf_dir: Path, out_dir: Path, work_dir: Path) -> list[str]:
+    """The command line of optimum's exporter (task text-generation-with-past) on `hf_dir` seen through a
+    transformers 4 config."""
     checkpoint = _transformers4_checkpoint(hf_dir, work_dir)
-    command = [python, "-m", "optimum.exporters.onnx", "--model", str(checkpoint),
-               "--task", "text-generation-with-past", "--device", "cpu", "--dtype", "fp32", str(out_dir)]
-    with open(log_path, "w", encoding="utf-8") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
-        sys.stderr.write("\n".join(tail) + "\n")
-        raise RuntimeError(f"optimum's ONNX exporter failed (exit {result.returncode}); its last lines are above")
+    return [python, "-m", "optimum.exporters.onnx", "--model", str(checkpoint),
+            "--task", "text-generation-with-past", "--device", "cpu", "--dtype", "fp32", str(out_dir)]
 
 
 def _graph_input_names(model_file: Path) -> list[str]:

@@ -52,7 +52,7 @@ from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, Fo
 from onnxquant.passes.fold_channel_scales import scaled_activation_name
 from onnxquant.passes.fuse_norm_ops import FUSED_NORMS_METADATA_KEY, FuseNormOpsPass
 from onnxquant.passes.online_hadamard import OnlineHadamardPass, r4_activations
-from onnxquant.patterns import NORM_OPS, GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
+from onnxquant.patterns import GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
 from onnxquant.rotation_config import load_rotation_config, plain_decoder_pairs, refuse_sandwich_norms, resolve_pairs
 from onnxquant.runtime import usable_cores
@@ -201,9 +201,7 @@ def _build_rotation(ctx: StageContext) -> list[ir.passes.PassBase]:
 # --- FUSE NORMS ---------------------------------------------------------------------------------
 
 def _build_norm_fusion(ctx: StageContext) -> list[ir.passes.PassBase]:
-    if any(node.op_type in NORM_OPS for node in ctx.model.graph):
-        return []  # a builder graph
-    return [FuseNormOpsPass()]
+    return [FuseNormOpsPass()] if FuseNormOpsPass.needed(ctx.model.graph) else []
 
 
 # --- SMOOTH -------------------------------------------------------------------------------------

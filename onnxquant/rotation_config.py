@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import onnx_ir as ir
 
@@ -151,12 +152,18 @@ def refuse_sandwich_norms(graph: ir.Graph) -> None:
 HEAD_RESHAPES = frozenset({"Reshape", "Split", "Transpose"})
 
 
-def _check_head_norm(source: str, norm: ir.Node, rotated_readers: set[str]) -> None:
-    """A head norm reads, through reshapes only, the output of a MatMul that R1 rotates on its input
-    side (so that output, and the norm, are unchanged)."""
+def _producer_through_reshapes(norm: ir.Node) -> ir.Node | None:
+    """What a norm reads, looking through the reshapes that split a projection into heads."""
     producer = norm.inputs[0].producer() if norm.inputs else None
     while producer is not None and producer.op_type in HEAD_RESHAPES:
         producer = producer.inputs[0].producer()
+    return producer
+
+
+def _check_head_norm(source: str, norm: ir.Node, rotated_readers: set[str]) -> None:
+    """A head norm reads, through reshapes only, the output of a MatMul that R1 rotates on its input
+    side (so that output, and the norm, are unchanged)."""
+    producer = _producer_through_reshapes(norm)
     if norm.op_type not in NORM_OPS or producer is None or producer.name not in rotated_readers:
         fail(f"rotation config {source}: head norm {norm.name!r} does not read the output of a rotated MatMul "
              "through reshapes; it is on the residual stream and belongs in an R1 pair")
@@ -211,9 +218,7 @@ SHAPE_READERS = frozenset({"Shape"})
 def _is_head_norm(norm: ir.Node) -> bool:
     """A norm inside attention (Qwen3's q_norm / k_norm): it reads, through reshapes, a MatMul that
     reads another norm, so R1 leaves its input, and it, unchanged."""
-    producer = norm.inputs[0].producer() if norm.inputs else None
-    while producer is not None and producer.op_type in HEAD_RESHAPES:
-        producer = producer.inputs[0].producer()
+    producer = _producer_through_reshapes(norm)
     if producer is None or not is_const_matmul(producer):
         return False
     source = producer.inputs[0].producer()
@@ -230,7 +235,7 @@ def plain_decoder_pairs(graph: ir.Graph) -> list[ResolvedPair]:
     tensor read by something other than a norm, a residual Add or a Shape, would leave the rotation
     inexact, so it is refused in one line.
     """
-    def refuse(why: str) -> None:
+    def refuse(why: str) -> NoReturn:
         fail(f"--include_rotation: {why}, so R1 cannot be folded into this graph exactly; quantize without "
              "--include_rotation (SmoothQuant still applies)")
 
