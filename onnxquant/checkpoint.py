@@ -3,6 +3,7 @@ GGUF file into a float Hugging Face checkpoint the ORT-GenAI builder can read.""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -24,7 +25,36 @@ SUPPORTED_ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
 }
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+# The GGUF `general.architecture` llama.cpp writes for a model type, where the two names differ (transformers
+# reads a "gemma3" file back as "gemma3_text"). Mistral has no entry: llama.cpp converts it as "llama".
+GGUF_ARCHITECTURE_NAMES = {"gemma3_text": "gemma3"}
+
+
+@functools.cache
+def gguf_architectures() -> dict[str, str]:
+    """GGUF `general.architecture` -> Hugging Face architecture, for every family that both transformers'
+    GGUF reader and onnxquant's export read.
+
+    transformers' reader lists the architectures it rebuilds a config for; its legacy loader then names the
+    tensors through gguf-py's table for the same architecture, so one gguf-py does not know (transformers
+    lists "mistral", gguf-py has no such architecture) cannot load. Its newer per-architecture readers
+    (`GGUF_CONFIG_ARCHS`, qwen35 and lfm2 today) need no such table.
+    """
+    from gguf import MODEL_ARCH_NAMES
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    readable = set(GGUF_SUPPORTED_ARCHITECTURES) & set(MODEL_ARCH_NAMES.values())
+    try:
+        from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+    except ImportError:  # transformers before its per-architecture readers
+        GGUF_CONFIG_ARCHS = {}
+    readable |= set(GGUF_CONFIG_ARCHS)
+    accepted = {}
+    for architecture, model_type in SUPPORTED_ARCHITECTURES.items():
+        name = GGUF_ARCHITECTURE_NAMES.get(model_type, model_type)
+        if name in readable:
+            accepted[name] = architecture
+    return accepted
 
 
 @dataclass(frozen=True)
@@ -69,9 +99,10 @@ def gguf_architecture(path: Path) -> str:
     size = path.stat().st_size
     if end > size:
         fail(f"{path} is truncated: its tensors end at byte {end:,} but the file has {size:,}; download it again")
-    if arch not in GGUF_ARCHITECTURES:
-        fail(f"unsupported GGUF architecture {arch!r} in {path}; onnxquant reads {', '.join(sorted(GGUF_ARCHITECTURES))}")
-    return GGUF_ARCHITECTURES[arch]
+    accepted = gguf_architectures()
+    if arch not in accepted:
+        fail(f"unsupported GGUF architecture {arch!r} in {path}; onnxquant reads GGUF files of {', '.join(sorted(accepted))}")
+    return accepted[arch]
 
 
 def resolve_model_source(model_path: str | None) -> ModelSource:
@@ -105,13 +136,6 @@ def resolve_model_source(model_path: str | None) -> ModelSource:
     return ModelSource("hf", path, _check_architecture(architectures[0], config_path))
 
 
-def _gguf_pretokenizer_rule(gguf_path: Path) -> str | None:
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.pre")
-    return field.contents() if field is not None else None
-
-
 def restore_pretokenizer(backend_tokenizer, gguf_pre: str | None) -> bool:
     """Put back the pre-tokenizer rule that transformers' GGUF conversion drops.
 
@@ -133,21 +157,65 @@ def restore_pretokenizer(backend_tokenizer, gguf_pre: str | None) -> bool:
     return True
 
 
+# llama.cpp's Gemma 2 and Gemma 3 27B (told apart by layer count, as llama.cpp does) scale queries by
+# 1/sqrt(hidden / heads); every other size by 1/sqrt(head_dim).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gguf_metadata(gguf_path: Path) -> dict:
+    """The GGUF's scalar and string metadata (arrays such as the vocabulary left out)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = GGUFReader(str(gguf_path)).fields
+    return {key: field.contents() for key, field in fields.items() if field.types and field.types[0] != GGUFValueType.ARRAY}
+
+
+def restore_gguf_settings(config, metadata: dict) -> None:
+    """Set on `config` what llama.cpp takes from a GGUF but transformers' GGUF reader leaves at the config
+    class's defaults (which describe one released checkpoint, not this file):
+
+    - `head_dim` from `<arch>.attention.key_length` (transformers maps it for Gemma only; a Qwen3 whose head
+      is not 128 wide fails to load without it);
+    - Gemma 2/3: `query_pre_attn_scalar` by llama.cpp's rule (head_dim, or hidden/heads for the 27B models),
+      the logit soft-capping values the file states, and Gemma 3's linear RoPE scaling of the global layers.
+    """
+    arch = metadata["general.architecture"]
+
+    def key(name: str):
+        return metadata.get(f"{arch}.{name}")
+
+    if key("attention.key_length") is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(key("attention.key_length"))
+    if arch in _GEMMA_27B_LAYERS:
+        big = config.num_hidden_layers == _GEMMA_27B_LAYERS[arch]
+        config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if big else config.head_dim
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if key(name) is not None:
+                setattr(config, name, float(key(name)))
+    if arch == "gemma3" and key("rope.scaling.type") == "linear":
+        full = dict(config.rope_parameters["full_attention"], rope_type="linear", factor=float(key("rope.scaling.factor")))
+        config.rope_parameters = {**config.rope_parameters, "full_attention": full}
+
+
 def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF file into a float32 Hugging Face checkpoint folder.
 
+    The config transformers rebuilds from the GGUF gets back what its reader drops (`restore_gguf_settings`).
     transformers loads GGUF by dequantizing, but the loaded model keeps a GGUF quantizer and
     `quantization_config` that make `save_pretrained` refuse or write a config the builder
     misreads, so the weights are moved into a model re-created from the cleaned config.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except (ValueError, OSError, KeyError) as exc:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        metadata = _gguf_metadata(gguf_path)
+        restore_gguf_settings(config, metadata)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
+    except (ValueError, OSError, KeyError, NotImplementedError) as exc:
         fail(f"transformers could not load {gguf_path} ({exc}); check the file is a complete GGUF of a supported model")
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -159,7 +227,7 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
     model.tie_weights()
     model.eval()
     model.save_pretrained(out_dir)
-    restore_pretokenizer(tokenizer.backend_tokenizer, _gguf_pretokenizer_rule(gguf_path))
+    restore_pretokenizer(tokenizer.backend_tokenizer, metadata.get("tokenizer.ggml.pre"))
     tokenizer.save_pretrained(out_dir)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import sys
 from typing import Callable, NoReturn
 
@@ -26,7 +27,14 @@ def fail(message: str) -> NoReturn:
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
-    """Run a CLI entry point; a UserError becomes `error: <message>` on stderr and exit 2."""
+    """Run a CLI entry point; a UserError becomes `error: <message>` on stderr and exit 2. The library's
+    log lines (logging, logger `onnxquant`) go to stderr as plain lines."""
+    logger = logging.getLogger("onnxquant")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         code = main(argv)
     except UserError as exc:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from onnxquant.checkpoint import ModelSource, float32_export_bytes, gguf_to_hf_f
 from onnxquant.cli import HelpFormatter
 from onnxquant.errors import fail, run_cli
 from onnxquant.optimum_export import finish_folder, optimum_command, optimum_python
-from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
+from onnxquant.staging import check_output_dir, claimed_output, owned_temp_dir, require_free_space, staged_output_dir
 
 BUILDER_MODULE = "onnxquant.builder_compat"  # the ORT-GenAI builder, adapted to transformers 5 configs
 GENAI_FOLDER_FILES = ("model.onnx", "genai_config.json", "tokenizer.json")
@@ -41,9 +40,7 @@ def export_model(source: ModelSource, output: Path, precision: str = "fp32", exe
     """Export `source` into the new folder `output` with the builder, or with optimum when `optimum` names
     the interpreter that runs it; returns the wall seconds it took."""
     start = time.perf_counter()
-    with staged_output_dir(output) as staging, tempfile.TemporaryDirectory(
-        prefix=".onnxquant-export-", dir=output.absolute().parent
-    ) as work:
+    with staged_output_dir(output) as staging, owned_temp_dir(".onnxquant-export-", output.absolute().parent) as work:
         work_dir = Path(work)
         if source.kind == "gguf":
             hf_dir = work_dir / "hf"
@@ -88,6 +85,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.export"
     args = build_parser(prog).parse_args(argv)
     source = resolve_model_source(args.model_path)
     output = Path(args.output_path)
+    with claimed_output(output):
+        return _export(args, source, output)
+
+
+def _export(args, source, output: Path) -> int:
     check_output_dir(output, [source.path], args.overwrite)
     require_free_space(output, float32_export_bytes(source), f"exporting {source.path.name}")
     optimum = None

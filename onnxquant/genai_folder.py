@@ -60,6 +60,16 @@ class GenAIFolder:
         """The local attention window of the sliding layers (0: none)."""
         return int(self.decoder.get("sliding_window", {}).get("window_size", 0))
 
+    @property
+    def context_length(self) -> int:
+        return int(self.config["model"]["context_length"])
+
+    def check_fits_context(self, tokens: int, what: str) -> None:
+        """Refuse, before any work, a run of `tokens` tokens longer than the model's context."""
+        if tokens > self.context_length:
+            fail(f"{what} is {tokens} tokens, longer than the model's context of {self.context_length} tokens "
+                 f"(context_length in {self.path / 'genai_config.json'}); pass at most {self.context_length}")
+
     def kv_capacity(self, tokens: int) -> int:
         """KV cache length (ORT-GenAI's max_length) for a run of `tokens` tokens. ORT's
         GroupQueryAttention refuses a cache shorter than the sliding window (Gemma 2/3), whatever

@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.generat
         folders.append(open_genai_folder(args.compare))
     models = [GreedyGenerator(folder) for folder in folders]
     prompt_ids = models[0].prompt_ids(args.prompt, not args.no_chat_template)
+    for folder in folders:
+        folder.check_fits_context(len(prompt_ids) + args.max_new_tokens, "the prompt plus --max_new_tokens")
     outputs = [model.generate(prompt_ids, args.max_new_tokens) for model in models]
     for folder, output in zip(folders, outputs):
         print(f"== {folder.path} ({len(output.new_ids)} tokens) ==\n{output.text}\n")

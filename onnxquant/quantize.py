@@ -5,8 +5,8 @@ ONNX LLM example; the stages live in onnxquant.pipeline, this module only reads 
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
-import tempfile
 from pathlib import Path
 
 from onnxquant.cli import HelpFormatter
@@ -19,7 +19,7 @@ from onnxquant.pipeline import QuantizeSettings, RotationSettings, quantize_mode
 from onnxquant.schemes import ALGORITHMS, COLUMN_SCALE_PLACEMENTS, SCHEMES, NodeOverride, get_scheme, uint8_blocks
 from onnxquant.segments import DEFAULT_SEGMENT_MB
 from onnxquant.spec import BLOCK_SIZES, E8M0_ROUNDINGS
-from onnxquant.staging import check_output_dir, require_free_space, staged_output_dir
+from onnxquant.staging import check_output_dir, claimed_output, owned_temp_dir, require_free_space, staged_output_dir
 from onnxquant.timing import PhaseTimes
 from onnxquant.verification import (DEFAULT_COLLAPSE_RATIO, CollapsedModelError, RunVerifier, collapse_message,
                                     held_out_windows)
@@ -180,8 +180,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
     settings = settings_from_args(args)
     share_one_malloc_arena()
     folder = open_genai_folder(args.input_model_path)
+    folder.check_fits_context(args.seq_len, "--seq_len")
     out = Path(args.output_model_path)
     output_dir, output_name = (out.parent, out.name) if out.suffix == ".onnx" else (out, "model.onnx")
+    with claimed_output(output_dir):
+        return _quantize(args, settings, folder, output_dir, output_name)
+
+
+def _quantize(args, settings: QuantizeSettings, folder, output_dir: Path, output_name: str) -> int:
     check_output_dir(output_dir, [folder.path], args.overwrite)
     # The output is at most the input's size; each float stage (rotation, smoothing, Hadamard groups) writes a scratch copy.
     input_bytes = model_bytes(folder.path, folder.model_file.name)
@@ -203,8 +209,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.quantiz
             with times.phase("verify_float"):
                 verifier = RunVerifier(folder, *held_out_windows(ids, calibrated, args.seq_len, VERIFY_WINDOWS), args.verify,
                                        settings.segment_bytes)
-    with staged_output_dir(output_dir) as staging, tempfile.TemporaryDirectory(
-            prefix=".onnxquant-scratch-", dir=output_dir.absolute().parent) as scratch:
+    with staged_output_dir(output_dir) as staging, owned_temp_dir(".onnxquant-scratch-",
+                                                                  output_dir.absolute().parent) as scratch:
         report = quantize_model(folder, staging / output_name, settings, samples, Path(scratch),
                                 after_checkpoint=verifier.after_stage if verifier and args.verify else None, times=times)
         copy_sidecar_files(folder, staging, output_name)
@@ -224,9 +230,12 @@ def guard(verifier: RunVerifier, model_file: Path, settings: QuantizeSettings, a
     if not settings.skip_quantization:
         quality = verifier.quality(model_file)
         parts.append(quality.summary())
-        if args.collapse_ratio and quality.ratio > args.collapse_ratio:
+        # A NaN ratio compares False with any limit: a model whose logits are not finite has collapsed whatever
+        # the limit, and --allow_degraded does not keep it (it keeps a worse model, not a broken one).
+        finite = math.isfinite(quality.ratio)
+        if not finite or (args.collapse_ratio and quality.ratio > args.collapse_ratio):
             message = collapse_message(quality, args.collapse_ratio, settings.scheme.name, settings.sq_alpha is not None)
-            if not args.allow_degraded:
+            if not finite or not args.allow_degraded:
                 raise CollapsedModelError(message)
             parts.append("degraded=kept (--allow_degraded)")
     print("verify: " + " ".join(part for part in parts if part), flush=True)

@@ -142,9 +142,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.validat
     if args.max_blocks is not None and args.max_blocks < 1:
         fail(f"--max_blocks must be at least 1, got {args.max_blocks}")
     folder = open_genai_folder(args.model_name_or_path)
+    folder.check_fits_context(args.block_size, "--block_size")
     text = resolve_text(args.dataset_path, args.dataset, "test")
     windows = eval_windows(folder, text, args.block_size, args.max_blocks)
     result = evaluate_perplexity(folder, windows, args.backend)
+    if not math.isfinite(result.perplexity):
+        fail(f"the perplexity of {folder.path} is {result.perplexity} (its logits are not finite): the model is broken; "
+             "re-quantize it from the float export")
     print(result.summary())
     return 0
 

@@ -145,6 +145,9 @@ def collapse_message(report: QualityReport, limit: float, scheme_name: str, smoo
     if "SYMMETRIC_ACT" in scheme_name or scheme_name == "INT8_TRANSFORMER_DEFAULT":
         hints.append("--include_rotation --include_sq, or INT8_PER_CHANNEL")
     hints.append("--exclude for the most sensitive layers (e.g. lm_head, down_proj)")
+    if not math.isfinite(report.ratio):
+        return (f"the quantized model collapsed: its quick perplexity is {report.quant_ppl} (its logits are not finite) "
+                f"against the float model's {report.float_ppl:.2f}; try {', or '.join(hints)}; nothing was written")
     return (f"the quantized model collapsed: quick perplexity {report.quant_ppl:.2f} is {report.ratio:.1f}x the float "
             f"model's {report.float_ppl:.2f} (limit {limit:g}x); try {', or '.join(hints)}; nothing was written "
             f"(--allow_degraded keeps it, --collapse_ratio changes the limit)")

@@ -6,24 +6,36 @@ from pathlib import Path
 
 import pytest
 
-from onnxquant.data import WIKITEXT_CALIB_FILE, WIKITEXT_TEST_FILE, find_local_wikitext_dir
+from onnxquant.data import EMBEDDED_SPLITS, WIKITEXT_CALIB_FILE, WIKITEXT_TEST_FILE, embedded_bytes, find_local_wikitext_dir
 
 
 @pytest.fixture(scope="session")
-def wikitext_dir() -> Path:
+def embedded_wikitext_dir(tmp_path_factory) -> Path:
+    """The package's embedded WikiText-2 files written out byte for byte, so the suite needs nothing outside the clone."""
+    folder = tmp_path_factory.mktemp("wikitext-2")
+    for name in EMBEDDED_SPLITS.values():
+        (folder / name).write_bytes(embedded_bytes(name))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def outside_wikitext_dir() -> Path:
+    """An outside copy of WikiText-2 ($ONNXQUANT_WIKITEXT_DIR or shared/data/wikitext-2 beside the checkout), for
+    the byte-for-byte check of the embedded one; the tests that need it skip without it."""
     found = find_local_wikitext_dir()
-    assert found is not None, "WikiText-2 not found: set ONNXQUANT_WIKITEXT_DIR or put shared/data/wikitext-2 beside the checkout"
+    if found is None:
+        pytest.skip("no outside WikiText-2 copy: set ONNXQUANT_WIKITEXT_DIR or put shared/data/wikitext-2 beside the checkout")
     return found
 
 
 @pytest.fixture(scope="session")
-def test_text_path(wikitext_dir) -> Path:
-    return wikitext_dir / WIKITEXT_TEST_FILE
+def test_text_path(embedded_wikitext_dir) -> Path:
+    return embedded_wikitext_dir / WIKITEXT_TEST_FILE
 
 
 @pytest.fixture(scope="session")
-def calib_text_path(wikitext_dir) -> Path:
-    return wikitext_dir / WIKITEXT_CALIB_FILE
+def calib_text_path(embedded_wikitext_dir) -> Path:
+    return embedded_wikitext_dir / WIKITEXT_CALIB_FILE
 
 
 @pytest.fixture(scope="session")

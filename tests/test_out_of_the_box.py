@@ -12,15 +12,15 @@ from conftest import assert_user_error, run_module
 
 
 @pytest.mark.parametrize("name", sorted(EMBEDDED_SHA256))
-def test_embedded_wikitext_is_byte_identical_to_the_shared_copy(wikitext_dir, name):
+def test_embedded_wikitext_is_byte_identical_to_the_shared_copy(outside_wikitext_dir, name):
     data = embedded_bytes(name)
     assert hashlib.sha256(data).hexdigest() == EMBEDDED_SHA256[name]
-    assert data == (wikitext_dir / name).read_bytes()
+    assert data == (outside_wikitext_dir / name).read_bytes()
 
 
 @pytest.mark.parametrize("split", sorted(EMBEDDED_SPLITS))
-def test_embedded_text_equals_the_shared_file_read_as_text(wikitext_dir, split):
-    assert embedded_text(split) == read_text_file(wikitext_dir / EMBEDDED_SPLITS[split])
+def test_embedded_text_equals_the_shared_file_read_as_text(outside_wikitext_dir, split):
+    assert embedded_text(split) == read_text_file(outside_wikitext_dir / EMBEDDED_SPLITS[split])
 
 
 def test_embedded_splits_decode_as_text():
