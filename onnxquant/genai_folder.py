@@ -126,10 +126,10 @@ def open_genai_folder(path: str | Path) -> GenAIFolder:
     if folder.is_file() and folder.suffix == ".onnx":
         folder = folder.parent
     if not folder.is_dir():
-        fail(f"{folder} is not a folder; pass an ORT-GenAI model folder made by `python -m onnxquant.export`")
+        fail(f"{folder} is not a folder; pass an ORT-GenAI model folder made by `onnxquant export`")
     config_path = folder / "genai_config.json"
     if not config_path.is_file():
-        fail(f"{folder} has no genai_config.json; pass an ORT-GenAI model folder made by `python -m onnxquant.export`")
+        fail(f"{folder} has no genai_config.json; pass an ORT-GenAI model folder made by `onnxquant export`")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         decoder = config["model"]["decoder"]

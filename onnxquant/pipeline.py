@@ -20,6 +20,7 @@ deleted.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import threading
 import time
@@ -54,6 +55,7 @@ from onnxquant.passes.fuse_norm_ops import FUSED_NORMS_METADATA_KEY, FuseNormOps
 from onnxquant.passes.online_hadamard import OnlineHadamardPass, r4_activations
 from onnxquant.patterns import GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
+from onnxquant import recipes
 from onnxquant.rotation_config import load_rotation_config, plain_decoder_pairs, refuse_sandwich_norms, resolve_pairs
 from onnxquant.runtime import usable_cores
 from onnxquant.scale_folding import fold_targets
@@ -61,6 +63,8 @@ from onnxquant.schemes import QuantScheme
 from onnxquant.segments import DEFAULT_SEGMENT_MB
 from onnxquant.spec import QuantSpec
 from onnxquant.timing import PhaseTimes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class QuantizeSettings:
     hessian_token_stride: int = 1  # Hessians (GPTQ, AWQ, sensitivity) from every n-th calibration token
     sq_num_calib_data: int | None = None  # SmoothQuant's statistics from the first n samples (None: all)
     segment_bytes: int = DEFAULT_SEGMENT_MB << 20  # calibration runs in pieces of at most about this much weight
+    fuse_norms: bool = False  # fuse a plain decoder's RMSNorms (always ahead of R1 and SmoothQuant)
 
     @property
     def needs_calibration(self) -> bool:
@@ -95,6 +100,29 @@ class QuantizeSettings:
     @property
     def needs_hessians(self) -> bool:
         return self.scheme.algo in ("gptq", "awq") or self.exclude_most_sensitive > 0
+
+
+def settings_for(recipe: recipes.Recipe) -> QuantizeSettings:
+    """The settings the stages below run by, from a recipe (onnxquant.recipes)."""
+    recipe = recipe.resolved()
+    quantize, rotate, smooth = recipe.stage(recipes.Quantize), recipe.stage(recipes.Rotate), recipe.stage(recipes.Smooth)
+    groups = recipe.stage(recipes.HadamardGroups)
+    # Without a quantize stage the float stages still plan by a scheme: the default one.
+    scheme = (quantize or recipes.Quantize()).resolved_scheme()
+    algorithm = quantize.algorithm if quantize is not None else recipes.Algorithm()
+    rotation = None if rotate is None else RotationSettings(
+        Path(rotate.config) if rotate.config else None, rotate.hidden_size, rotate.random_hadamard, rotate.seed)
+    sq_alpha = None
+    if smooth is not None:
+        sq_alpha = scheme.sq_alpha if smooth.alpha == "auto" else smooth.alpha
+    return QuantizeSettings(
+        scheme, rotation, sq_alpha, skip_quantization=quantize is None,
+        gptq=GPTQSettings(damp=algorithm.damp, act_order=algorithm.act_order),
+        hadamard_group_size=None if groups is None else groups.size, r4=recipe.stage(recipes.R4) is not None,
+        exclude_most_sensitive=quantize.exclude_most_sensitive if quantize is not None else 0,
+        sq_alpha_search=smooth is not None and smooth.alpha == "auto",
+        hessian_token_stride=algorithm.hessian_token_stride, sq_num_calib_data=None if smooth is None else smooth.samples,
+        segment_bytes=int(recipe.segment_mb * (1 << 20)), fuse_norms=recipe.stage(recipes.FuseNorms) is not None)
 
 
 @dataclass
@@ -536,7 +564,7 @@ def _most_sensitive(ctx: StageContext, plan: QuantPlan, hessians: SpillingStore,
                 w, hessian, tokens[activation], spec, plan.activation_spec, ranges.get(activation)))
     ranked = sorted(scores, key=scores.get, reverse=True)[:count]
     for name in ranked:
-        print(f"kept in float: {name} (modelled relative output error {scores[name]:.2e})")
+        log.info("kept in float: %s (modelled relative output error %.2e)", name, scores[name])
     return ranked
 
 
@@ -561,7 +589,7 @@ def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: SpillingStore) -> Fo
 
 
 # R1 and SmoothQuant fold into norm weights; a plain decoder gets its norms fused first.
-FUSE_NORMS = Stage("fuse_norms", lambda s: s.rotation is not None or s.sq_alpha is not None, lambda ctx: [],
+FUSE_NORMS = Stage("fuse_norms", lambda s: s.fuse_norms or s.rotation is not None or s.sq_alpha is not None, lambda ctx: [],
                    _build_norm_fusion, checkpoint=True)
 ROTATE = Stage("rotate", lambda s: s.rotation is not None, _prepare_rotation, _build_rotation, checkpoint=True)
 SMOOTH = Stage("smooth", lambda s: s.sq_alpha is not None, _prepare_smoothing, _build_smoothing, checkpoint=True)

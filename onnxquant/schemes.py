@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 from dataclasses import dataclass
 
 from onnxquant.errors import fail
@@ -24,13 +25,16 @@ from onnxquant.spec import QuantSpec
 
 @dataclass(frozen=True)
 class NodeOverride:
-    """Nodes whose name contains `pattern` (or matches it as a glob when it has * or ?) get
-    `weights` instead of the scheme's; weights None keeps them in float."""
+    """Nodes whose name contains `pattern` (matches it as a glob when it has * ? [, or as a regular
+    expression searched in the name after `re:`) get `weights` instead of the scheme's; weights None
+    keeps them in float."""
 
     pattern: str
     weights: QuantSpec | None = None
 
     def matches(self, name: str) -> bool:
+        if self.pattern.startswith("re:"):
+            return re.search(self.pattern[3:], name) is not None
         if any(c in self.pattern for c in "*?["):
             return fnmatch.fnmatchcase(name, self.pattern)
         return self.pattern in name

@@ -20,7 +20,11 @@ class PhaseTimes:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def summary(self) -> str:
-        """`time: phase=seconds ...`, phases under 1% of the total left out."""
-        floor = 0.01 * sum(self.seconds.values())
-        return "time: " + " ".join(f"{name}={seconds:.2g}s" if seconds < 1 else f"{name}={seconds:.1f}s"
-                                   for name, seconds in self.seconds.items() if seconds >= floor)
+        return phase_summary(self.seconds)
+
+
+def phase_summary(seconds: dict[str, float]) -> str:
+    """`time: phase=seconds ...`, phases under 1% of the total left out."""
+    floor = 0.01 * sum(seconds.values())
+    return "time: " + " ".join(f"{name}={value:.2g}s" if value < 1 else f"{name}={value:.1f}s"
+                               for name, value in seconds.items() if value >= floor)

@@ -59,7 +59,7 @@ class _TinyModels:
 
     def onnx(self, name: str) -> Path:
         from onnxquant.checkpoint import resolve_model_source
-        from onnxquant.export import export_model
+        from onnxquant.exporter import export_model
 
         path = self.root / f"{name}-onnx"
         if not path.exists():
@@ -76,7 +76,7 @@ def tiny_models(tmp_path_factory) -> _TinyModels:
 def smollm2_onnx(tmp_path_factory) -> Path:
     """The embedded SmolLM2-135M-Instruct exported once for the whole session (about 45 s)."""
     from onnxquant.checkpoint import resolve_model_source
-    from onnxquant.export import export_model
+    from onnxquant.exporter import export_model
 
     path = tmp_path_factory.mktemp("smollm2") / "fp32"
     export_model(resolve_model_source(None), path)
@@ -115,7 +115,7 @@ def relative_logit_error(reference, candidate) -> float:
 
 def float_pass_run(source: Path, out: Path, calib_text_path: Path, *flags: str) -> subprocess.CompletedProcess:
     """`quantize --skip_quantization` with `flags`, a few short calibration samples."""
-    return run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
+    return run_module("onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
                       "--skip_quantization", "--calib_data", str(calib_text_path), "--num_calib_data", "4",
                       "--seq_len", "128", "--overwrite", *flags)
 

@@ -81,7 +81,7 @@ def test_ort_static_peer_is_w8a8_with_onnxquants_settings(tiny_models, tmp_path,
     import onnx
 
     from onnxquant.data import tokenize
-    from onnxquant.validate import window_nll
+    from onnxquant.evaluation import window_nll
     from conftest import prefill_logits, run_module
 
     source = tiny_models.onnx("tiny-llama-96")
@@ -89,7 +89,7 @@ def test_ort_static_peer_is_w8a8_with_onnxquants_settings(tiny_models, tmp_path,
     peer = subprocess.run([sys.executable, str(TOOLS / "peers.py"), "ort_static_int8_pc", "--input", str(source),
                            "--output", str(tmp_path / "peer"), *calib], capture_output=True, text=True, timeout=600)
     assert peer.returncode == 0, peer.stderr[-3000:]
-    ours = run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(tmp_path / "ours"),
+    ours = run_module("onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(tmp_path / "ours"),
                       "--config", "INT8_PER_CHANNEL", "--use_moving_average", *calib)
     assert ours.returncode == 0, ours.stderr[-3000:]
 

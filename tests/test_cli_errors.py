@@ -8,7 +8,7 @@ from conftest import assert_user_error, run_module
 
 
 def _export(*args):
-    return run_module("onnxquant.export", *args)
+    return run_module("onnxquant.cli.export", *args)
 
 
 def test_export_missing_model_path(tmp_path):
@@ -62,13 +62,13 @@ def test_validate_incomplete_folder(tiny_models, tmp_path, test_text_path, missi
     folder = tmp_path / "copy"
     shutil.copytree(tiny_models.onnx("tiny-llama-96"), folder)
     (folder / missing).unlink()
-    result = run_module("onnxquant.validate", "--model_name_or_path", str(folder), "--dataset_path", str(test_text_path))
+    result = run_module("onnxquant.cli.validate", "--model_name_or_path", str(folder), "--dataset_path", str(test_text_path))
     assert_user_error(result, missing)
 
 
 def test_validate_text_too_short(tiny_models, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("only a few words")
-    result = run_module("onnxquant.validate", "--model_name_or_path", str(tiny_models.onnx("tiny-llama-96")),
+    result = run_module("onnxquant.cli.validate", "--model_name_or_path", str(tiny_models.onnx("tiny-llama-96")),
                         "--dataset_path", str(short), "--block_size", "2048")
     assert_user_error(result, "fewer than one block of 2048")

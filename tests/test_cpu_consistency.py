@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from onnxquant.data import tokenize
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.runtime import input_specs, make_session, prefill_feeds, session_options
-from onnxquant.validate import window_nll
+from onnxquant.evaluation import window_nll
 
 from conftest import run_module
 
@@ -30,7 +30,7 @@ def rotated_models(tiny_models, tmp_path_factory, calib_text_path):
     root = tmp_path_factory.mktemp("cpu")
     out = {}
     for scheme in INT8_SCHEMES:
-        result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-576")),
+        result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-576")),
                             "--output_model_path", str(root / scheme), "--config", scheme, "--include_rotation",
                             "--calib_data", str(calib_text_path), "--num_calib_data", "8", "--seq_len", "128")
         assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from onnxquant import quantize as quantize_cli
+from onnxquant.cli import quantize as quantize_cli
 from onnxquant.checkpoint import embedded_gguf_path
 from onnxquant.errors import UserError
 
@@ -23,7 +23,7 @@ def source(tiny_models):
 
 
 def _quantize(source, out, *flags):
-    return run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
+    return run_module("onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
                       "--num_calib_data", "4", "--seq_len", "128", *flags)
 
 
@@ -35,7 +35,7 @@ def test_truncated_gguf(tmp_path):
     data = embedded_gguf_path().read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: len(data) - 4096])  # header intact, last tensor short
-    result = run_module("onnxquant.export", "--model_path", str(cut), "--output_path", str(tmp_path / "out"))
+    result = run_module("onnxquant.cli.export", "--model_path", str(cut), "--output_path", str(tmp_path / "out"))
     assert_user_error(result, "GGUF", "truncated", "download it again")
     assert _nothing_beside(tmp_path / "out")
 
@@ -114,7 +114,7 @@ def test_disk_too_small_is_refused_before_writing(source, tmp_path, monkeypatch)
 
 def test_disk_filling_up_while_writing_leaves_nothing(source, tmp_path):
     # A child whose model writer hits ENOSPC, as a full disk would make it.
-    code = ("import errno, onnx_ir, sys; from onnxquant import pipeline, quantize; from onnxquant.errors import run_cli\n"
+    code = ("import errno, onnx_ir, sys; from onnxquant import pipeline; from onnxquant.cli import quantize; from onnxquant.errors import run_cli\n"
             "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device', 'model.onnx.data')\n"
             "pipeline.ir.save = full\n"
             f"run_cli(quantize.main, sys.argv[1:])")
@@ -132,7 +132,7 @@ def test_interrupted_run_leaves_no_partial_folder(source, tmp_path):
     # A job started in the background by a non-interactive shell inherits SIGINT ignored, and Python then
     # installs no KeyboardInterrupt handler: the child restores Python's default handler first.
     code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-            "import sys, time; from onnxquant import pipeline, quantize; from onnxquant.errors import run_cli\n"
+            "import sys, time; from onnxquant import pipeline; from onnxquant.cli import quantize; from onnxquant.errors import run_cli\n"
             f"pipeline.run_calibration = lambda *a, **k: (open({str(started)!r}, 'w').close(), time.sleep(60))\n"
             "run_cli(quantize.main, sys.argv[1:])")
     child = subprocess.Popen([sys.executable, "-c", code, "--input_model_path", str(source), "--output_model_path", str(out),
@@ -154,4 +154,4 @@ def test_truncated_external_data(source, tmp_path):
     shutil.copytree(source, broken)
     data = broken / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:1000])
-    assert_user_error(run_module("onnxquant.validate", "--model_name_or_path", str(broken)), "is truncated")
+    assert_user_error(run_module("onnxquant.cli.validate", "--model_name_or_path", str(broken)), "is truncated")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onnxquant.genai_folder import open_genai_folder
-from onnxquant.validate import eval_windows, evaluate_perplexity
+from onnxquant.evaluation import eval_windows, evaluate_perplexity
 
 from conftest import (assert_float_pass_exact, assert_user_error, float_pass_run, prefill_logits, relative_logit_error,
                       run_module)
@@ -52,7 +52,7 @@ def test_smoothquant_and_hadamard_groups_are_exact(tiny_models, tmp_path, calib_
 @pytest.mark.parametrize("name", FAMILIES)
 def test_quantized_model_validates_near_float(tiny_models, tmp_path, calib_text_path, test_text, name, scheme, bound):
     source = tiny_models.onnx(name)
-    result = run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(tmp_path / "q"),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(tmp_path / "q"),
                         "--calib_data", str(calib_text_path), "--num_calib_data", "8", "--seq_len", "128", *scheme)
     assert result.returncode == 0, result.stderr[-3000:]
     float_folder = open_genai_folder(source)

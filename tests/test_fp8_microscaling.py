@@ -16,7 +16,7 @@ from onnxquant.passes import EmulateMicroscalingPass, QuantizeGraphPass
 from onnxquant.plan import plan_quantization
 from onnxquant.schemes import get_scheme, mxfp4_blocks, mxfp8_blocks, nvfp4_blocks
 from onnxquant.spec import QuantSpec, float_block_scale, round_to_nearest
-from onnxquant.validate import eval_windows, evaluate_perplexity
+from onnxquant.evaluation import eval_windows, evaluate_perplexity
 
 from conftest import assert_user_error, run_module
 
@@ -72,7 +72,7 @@ def test_fp4_codes_are_e2m1_values():
 def test_fp8_and_microscaling_models_run_in_ort_genai_near_float(tiny_models, tmp_path, test_text, flags):
     source = tiny_models.onnx("tiny-llama-96")
     out = tmp_path / "q"
-    result = run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
                         "--num_calib_data", "8", "--seq_len", "128", "--use_moving_average", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     windows = eval_windows(open_genai_folder(source), test_text[:20000], 128, 4)
@@ -84,7 +84,7 @@ def test_fp8_and_microscaling_models_run_in_ort_genai_near_float(tiny_models, tm
 
 
 def test_block_size_that_does_not_divide_k_names_the_node(tiny_models, tmp_path):
-    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                         "--output_model_path", str(tmp_path / "q"), "--config", "MXFP4_A16", "--block_size", "64")
     assert_user_error(result, "K = 96 is not a multiple of the block size 64", "/MatMul")
     assert not (tmp_path / "q").exists()
@@ -125,7 +125,7 @@ def test_rceil_scales_never_saturate_and_floor_ones_do(blocks):
 
 
 def test_mx_scale_rounding_needs_an_mx_scheme(tiny_models, tmp_path):
-    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                         "--output_model_path", str(tmp_path / "q"), "--config", "INT8_PER_CHANNEL", "--mx_scale_rounding", "rceil")
     assert_user_error(result, "--mx_scale_rounding applies to the MX schemes", "not INT8_PER_CHANNEL")
     assert not (tmp_path / "q").exists()

@@ -12,7 +12,7 @@ from onnxquant.genai_folder import open_genai_folder
 from onnxquant.passes.hadamard_groups import group_rotation
 from onnxquant.patterns import GROUPS_IN_R1_KEY, HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY, ROTATION_METADATA_KEY
 from onnxquant.spec import QuantSpec, round_to_nearest
-from onnxquant.validate import eval_windows, evaluate_perplexity
+from onnxquant.evaluation import eval_windows, evaluate_perplexity
 
 from conftest import assert_float_pass_exact, assert_user_error, float_pass_run, prefill_logits, relative_logit_error, run_module
 
@@ -55,7 +55,7 @@ def test_mxfp4_with_hadamard_groups_quantizes_weights_not_rotations(tiny_models,
     for group in (None, "32"):
         out = tmp_path / f"q{group}"
         flags = ("--hadamard_group_size", group) if group else ()
-        result = run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
+        result = run_module("onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
                             "--config", "MXFP4_A16", "--clip_search", "--num_calib_data", "4", "--seq_len", "128", *flags)
         assert result.returncode == 0, result.stderr[-3000:]
         model = onnx.load(out / "model.standard.onnx", load_external_data=False)
@@ -79,21 +79,21 @@ def test_e8m0_mse_search_never_loses_to_the_ocp_scale():
 
 
 def test_group_size_that_does_not_divide_k_names_the_node(tiny_models, tmp_path):
-    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                         "--output_model_path", str(tmp_path / "q"), "--config", "MXFP4_A16", "--hadamard_group_size", "64")
     assert_user_error(result, "--hadamard_group_size 64 does not divide K=96 of MatMul", "/MatMul'")
     assert not (tmp_path / "q").exists()
 
 
 def test_unknown_group_size_is_refused(tiny_models, tmp_path):
-    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                         "--output_model_path", str(tmp_path / "q"), "--hadamard_group_size", "48")
     assert_user_error(result, "--hadamard_group_size 48 is not one of 16, 32, 64, 128")
     assert not (tmp_path / "q").exists()
 
 
 def test_group_size_that_does_not_divide_the_hidden_size_with_r1(tiny_models, tmp_path):
-    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                         "--output_model_path", str(tmp_path / "q"), "--include_rotation", "--hadamard_group_size", "64")
     assert_user_error(result, "--hadamard_group_size 64 does not divide the hidden size 96 that R1 rotates")
     assert not (tmp_path / "q").exists()

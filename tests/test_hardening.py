@@ -21,7 +21,7 @@ def source(tiny_models):
 
 
 def _quantize_args(source, out, *flags):
-    return ["-m", "onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
+    return ["-m", "onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
             "--num_calib_data", "4", "--seq_len", "128", *flags]
 
 
@@ -47,22 +47,23 @@ def nan_model(source, tmp_path_factory):
     return out
 
 
-def test_non_finite_result_is_a_collapse(source, nan_model, tmp_path):
+def test_non_finite_result_is_a_collapse(source, nan_model):
+    from onnxquant.api import collapse_guard
     from onnxquant.data import embedded_text, tokenize
     from onnxquant.genai_folder import open_genai_folder
-    from onnxquant.quantize import build_parser, guard, settings_from_args
+    from onnxquant.pipeline import settings_for
+    from onnxquant.recipes import Recipe, Verify
     from onnxquant.verification import CollapsedModelError, RunVerifier
 
-    args = build_parser().parse_args(["--input_model_path", str(source), "--output_model_path", str(tmp_path / "o"),
-                                      "--allow_degraded"])
+    recipe = Recipe(verify=Verify(allow_degraded=True))
     windows = tokenize(source, embedded_text("validation")[:20000])[:256].reshape(2, 128)
-    verifier = RunVerifier(open_genai_folder(source), windows, True, False)
+    quality = RunVerifier(open_genai_folder(source), windows, True, False).quality(nan_model / "model.onnx")
     with pytest.raises(CollapsedModelError, match="not finite"):
-        guard(verifier, nan_model / "model.onnx", settings_from_args(args), args)
+        collapse_guard(quality, recipe, settings_for(recipe))
 
 
 def test_validate_refuses_a_non_finite_perplexity(nan_model):
-    result = run_module("onnxquant.validate", "--model_name_or_path", str(nan_model), "--block_size", "128",
+    result = run_module("onnxquant.cli.validate", "--model_name_or_path", str(nan_model), "--block_size", "128",
                         "--max_blocks", "1")
     assert_user_error(result, "perplexity", "not finite")
     assert "perplexity=nan" not in result.stdout
@@ -115,17 +116,17 @@ def test_calibration_length_beyond_the_context(source, tmp_path):
     too_long = str(_context(source) + 1)
     result = subprocess.run([sys.executable, *_quantize_args(source, tmp_path / "out", "--seq_len", too_long)],
                             capture_output=True, text=True)
-    assert_user_error(result, f"--seq_len is {too_long} tokens", f"context of {_context(source)} tokens")
+    assert_user_error(result, f"(calibration.seq_len, --seq_len) is {too_long} tokens", f"context of {_context(source)} tokens")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluation_length_beyond_the_context(source):
     too_long = str(_context(source) * 2)
-    result = run_module("onnxquant.validate", "--model_name_or_path", str(source), "--block_size", too_long)
+    result = run_module("onnxquant.cli.validate", "--model_name_or_path", str(source), "--block_size", too_long)
     assert_user_error(result, f"--block_size is {too_long} tokens", f"context of {_context(source)} tokens")
 
 
 def test_generation_length_beyond_the_context(source):
-    result = run_module("onnxquant.generate", "--model_name_or_path", str(source), "--no_chat_template",
+    result = run_module("onnxquant.cli.generate", "--model_name_or_path", str(source), "--no_chat_template",
                         "--max_new_tokens", str(_context(source)))
     assert_user_error(result, "the prompt plus --max_new_tokens", f"context of {_context(source)} tokens")

@@ -48,10 +48,10 @@ def test_config_listing_a_node_outside_its_pair_is_refused(tiny_models, tmp_path
 
 def test_quantized_input_is_refused(tiny_models, tmp_path, calib_text_path):
     common = ["--calib_data", str(calib_text_path), "--num_calib_data", "2", "--seq_len", "64"]
-    first = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+    first = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                        "--output_model_path", str(tmp_path / "q"), *common)
     assert first.returncode == 0, first.stderr[-2000:]
-    second = run_module("onnxquant.quantize", "--input_model_path", str(tmp_path / "q"), "--output_model_path",
+    second = run_module("onnxquant.cli.quantize", "--input_model_path", str(tmp_path / "q"), "--output_model_path",
                         str(tmp_path / "q2"), *common)
     assert_user_error(second, "already quantized")
     assert not (tmp_path / "q2").exists()
@@ -73,7 +73,7 @@ def test_rotation_did_its_work(tiny_models, tmp_path, calib_text_path, test_text
 
 
 def _tiny_quantize(tiny_models, out, calib_text_path, *flags):
-    return run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+    return run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                       "--output_model_path", str(out), "--calib_data", str(calib_text_path), "--num_calib_data", "8",
                       "--seq_len", "128", *flags)
 
@@ -82,7 +82,7 @@ def _tiny_quantize(tiny_models, out, calib_text_path, *flags):
                                    ("--config", "INT8_SYMMETRIC_ACT_PER_CHANNEL", "--include_rotation", "--include_sq"),
                                    ("--calib_method", "percentile+99.9"), ("--calib_method", "mse")])
 def test_int8_schemes_run_near_float(tiny_models, tmp_path, calib_text_path, test_text, flags):
-    from onnxquant.validate import eval_windows, evaluate_perplexity
+    from onnxquant.evaluation import eval_windows, evaluate_perplexity
 
     result = _tiny_quantize(tiny_models, tmp_path / "q", calib_text_path, *flags)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -112,7 +112,7 @@ def test_output_file_name_and_overwrite(tiny_models, tmp_path, calib_text_path, 
     assert not (out / "old.txt").exists()
     folder = open_genai_folder(out)
     assert folder.model_file.name == "decoder_int8.onnx" and QUANT_METADATA_KEY in ir.load(folder.model_file).metadata_props
-    from onnxquant.validate import eval_windows, evaluate_perplexity
+    from onnxquant.evaluation import eval_windows, evaluate_perplexity
 
     assert evaluate_perplexity(folder, eval_windows(folder, test_text[:5000], 128, 1), "genai", progress=False).perplexity > 1
 

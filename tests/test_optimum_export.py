@@ -18,7 +18,7 @@ from onnxquant.genai_folder import open_genai_folder
 from onnxquant.optimum_export import OPTIMUM_PYTHON_ENV, OPTIMUM_REQUIREMENT, transformers4_config
 from onnxquant.patterns import ROTATION_METADATA_KEY
 from onnxquant.rotation_config import plain_decoder_pairs
-from onnxquant.validate import eval_windows, evaluate_perplexity
+from onnxquant.evaluation import eval_windows, evaluate_perplexity
 
 from conftest import assert_float_pass_exact, assert_user_error, float_pass_run, prefill_logits, relative_logit_error, run_module
 
@@ -48,7 +48,7 @@ class _OptimumExports:
     def onnx(self, name: str) -> Path:
         path = self.root / f"{name}-optimum"
         if not path.exists():
-            result = run_module("onnxquant.export", "--model_path", str(self.tiny_models.hf(name)), "--output_path",
+            result = run_module("onnxquant.cli.export", "--model_path", str(self.tiny_models.hf(name)), "--output_path",
                                 str(path), "--exporter", "optimum", "--optimum_python", self.python)
             assert result.returncode == 0, result.stderr[-3000:]
         return path
@@ -102,7 +102,7 @@ def test_plain_decoder_with_sandwich_norms_is_refused_rotation(optimum_exports, 
                                           (("--config", "MXFP4"), 0.40)])
 def test_plain_decoder_quantizes_near_float(optimum_exports, tmp_path, calib_text_path, test_text, scheme, bound):
     source = optimum_exports.onnx("tiny-llama-96")
-    result = run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(tmp_path / "q"),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(tmp_path / "q"),
                         "--calib_data", str(calib_text_path), "--num_calib_data", "8", "--seq_len", "128", *scheme)
     assert result.returncode == 0, result.stderr[-3000:]
     windows = eval_windows(open_genai_folder(source), test_text[:20000], 128, 4)
@@ -111,14 +111,14 @@ def test_plain_decoder_quantizes_near_float(optimum_exports, tmp_path, calib_tex
 
 
 def test_optimum_exporter_without_optimum_is_refused(tiny_models, tmp_path):
-    result = run_module("onnxquant.export", "--model_path", str(tiny_models.hf("tiny-llama-96")), "--output_path",
+    result = run_module("onnxquant.cli.export", "--model_path", str(tiny_models.hf("tiny-llama-96")), "--output_path",
                         str(tmp_path / "out"), "--exporter", "optimum", "--optimum_python", sys.executable)
     assert_user_error(result, OPTIMUM_REQUIREMENT, "--optimum_python")
     assert not (tmp_path / "out").exists()
 
 
 def test_gemma2_is_refused_by_the_optimum_exporter(tiny_models, optimum_python, tmp_path):
-    result = run_module("onnxquant.export", "--model_path", str(tiny_models.hf("tiny-gemma2-96")), "--output_path",
+    result = run_module("onnxquant.cli.export", "--model_path", str(tiny_models.hf("tiny-gemma2-96")), "--output_path",
                         str(tmp_path / "out"), "--exporter", "optimum", "--optimum_python", optimum_python)
     assert_user_error(result, "soft-capping", "builder")
     assert not (tmp_path / "out").exists()

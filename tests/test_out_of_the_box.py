@@ -40,7 +40,7 @@ def test_console_script_lists_subcommands_and_defaults():
 
 
 def _quantize(source, out, *flags):
-    return run_module("onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
+    return run_module("onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
                       "--num_calib_data", "4", "--seq_len", "128", "--use_moving_average", *flags)
 
 
@@ -81,7 +81,7 @@ def test_allow_degraded_keeps_the_output(tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_collapse_guard_catches_per_tensor_smoothquant_alpha_0_9(smollm2_onnx, tmp_path):
-    result = run_module("onnxquant.quantize", "--input_model_path", str(smollm2_onnx), "--output_model_path",
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(smollm2_onnx), "--output_model_path",
                         str(tmp_path / "q"), "--include_sq", "--sq_alpha", "0.9", "--use_moving_average")
     assert result.returncode == 3 and "collapsed" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "q").exists()
@@ -89,7 +89,7 @@ def test_collapse_guard_catches_per_tensor_smoothquant_alpha_0_9(smollm2_onnx, t
 
 def test_generate_compare_of_a_model_with_itself_agrees_fully(tiny_models):
     folder = str(tiny_models.onnx("tiny-llama-96"))
-    result = run_module("onnxquant.generate", "--model_name_or_path", folder, "--compare", folder,
+    result = run_module("onnxquant.cli.generate", "--model_name_or_path", folder, "--compare", folder,
                         "--max_new_tokens", "12", "--no_chat_template", "--prompt", "The history of")
     assert result.returncode == 0, result.stderr[-2000:]
     last = result.stdout.strip().splitlines()[-1]
@@ -99,12 +99,12 @@ def test_generate_compare_of_a_model_with_itself_agrees_fully(tiny_models):
 def test_generate_on_a_quantized_model_reports_agreement(tiny_models, tmp_path):
     source = tiny_models.onnx("tiny-llama-96")
     assert _quantize(source, tmp_path / "q").returncode == 0
-    result = run_module("onnxquant.generate", "--model_name_or_path", str(source), "--compare", str(tmp_path / "q"),
+    result = run_module("onnxquant.cli.generate", "--model_name_or_path", str(source), "--compare", str(tmp_path / "q"),
                         "--max_new_tokens", "16", "--no_chat_template", "--prompt", "The history of")
     share = float(result.stdout.strip().splitlines()[-1].split("agreement=")[1].split()[0])
     assert 0.5 <= share <= 1.0
 
 
 def test_generate_rejects_an_empty_prompt(tiny_models):
-    assert_user_error(run_module("onnxquant.generate", "--model_name_or_path", str(tiny_models.onnx("tiny-llama-96")),
+    assert_user_error(run_module("onnxquant.cli.generate", "--model_name_or_path", str(tiny_models.onnx("tiny-llama-96")),
                                  "--prompt", "  "), "--prompt is empty")

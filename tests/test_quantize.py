@@ -15,7 +15,7 @@ from onnxquant.plan import plan_quantization
 from onnxquant.runtime import make_session
 from onnxquant.schemes import SCHEMES
 from onnxquant.spec import quant_params, quantize_array
-from onnxquant.validate import eval_windows, evaluate_perplexity
+from onnxquant.evaluation import eval_windows, evaluate_perplexity
 
 from conftest import assert_user_error, run_module
 
@@ -155,7 +155,7 @@ def test_column_scales_flag_needs_a_per_channel_scheme(tiny_input, tmp_path, cal
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_models, tmp_path_factory, calib_text_path):
     out = tmp_path_factory.mktemp("q") / "int8"
-    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96") / "model.onnx"),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96") / "model.onnx"),
                         "--output_model_path", str(out / "model.onnx"), "--num_calib_data", "8", "--seq_len", "128",
                         "--calib_data", str(calib_text_path), "--use_moving_average")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -200,7 +200,7 @@ def test_time_line_accounts_for_the_run(tiny_int8):
 
 
 def _peak_rss(tiny_models, tmp_path, calib_text_path, samples):
-    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-576")),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-576")),
                         "--output_model_path", str(tmp_path / f"q{samples}"), "--num_calib_data", str(samples),
                         "--seq_len", "256", "--calib_data", str(calib_text_path), "--use_moving_average")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -214,7 +214,7 @@ def test_memory_stays_flat_as_calibration_samples_grow(tiny_models, tmp_path, ca
 
 
 def _quantize(*args):
-    return run_module("onnxquant.quantize", *args)
+    return run_module("onnxquant.cli.quantize", *args)
 
 
 @pytest.fixture()

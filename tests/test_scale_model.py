@@ -13,7 +13,7 @@ QWEN_GGUF = Path(os.environ.get("ONNXQUANT_QWEN_GGUF", Path(__file__).parents[1]
 
 
 def _perplexity(folder: Path) -> float:
-    result = run_module("onnxquant.validate", "--model_name_or_path", str(folder), "--max_blocks", "4", timeout=3600)
+    result = run_module("onnxquant.cli.validate", "--model_name_or_path", str(folder), "--max_blocks", "4", timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     return float(re.search(r"perplexity=([\d.]+)", result.stdout).group(1))
 
@@ -24,7 +24,7 @@ def test_qwen_1_5b_int8_and_gptq_4bit_stay_near_float_in_bounded_memory(tmp_path
         pytest.skip(f"{QWEN_GGUF} is absent: run `python tools/assemble_qwen_gguf.py --output {QWEN_GGUF}` "
                     "or set ONNXQUANT_QWEN_GGUF")
     float_dir = tmp_path / "fp32"
-    export = run_module("onnxquant.export", "--model_path", str(QWEN_GGUF), "--output_path", str(float_dir), timeout=3600)
+    export = run_module("onnxquant.cli.export", "--model_path", str(QWEN_GGUF), "--output_path", str(float_dir), timeout=3600)
     assert export.returncode == 0, export.stderr[-3000:]
     float_mb = sum(f.stat().st_size for f in float_dir.iterdir()) / 1e6
     assert float_mb > 2000 and (float_dir / "model.onnx.data").is_file()  # past the protobuf limit: external data
@@ -34,7 +34,7 @@ def test_qwen_1_5b_int8_and_gptq_4bit_stay_near_float_in_bounded_memory(tmp_path
                "w4-gptq": (["--config", "UINT4_PER_GROUP_ASYM", "--algo", "gptq"], 1.10)}
     for name, (flags, ppl_bound) in recipes.items():
         out = tmp_path / name
-        quantize = run_module("onnxquant.quantize", "--input_model_path", str(float_dir), "--output_model_path", str(out),
+        quantize = run_module("onnxquant.cli.quantize", "--input_model_path", str(float_dir), "--output_model_path", str(out),
                               "--num_calib_data", "16", *flags, timeout=7200)
         assert quantize.returncode == 0, quantize.stderr[-3000:]
         assert "calibration_segments=" in quantize.stdout  # 7 GB of weights run in pieces of 1 GB

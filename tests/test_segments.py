@@ -53,7 +53,7 @@ def test_quantize_in_segments_writes_the_same_model(tiny_models, calib_text_path
     digests = []
     for segment_mb in ("1024", "0.25"):
         out = tmp_path / f"out-{segment_mb}"
-        result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+        result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                             "--output_model_path", str(out), "--num_calib_data", "4", "--seq_len", "64",
                             "--calib_data", str(calib_text_path), "--config", "INT8_PER_CHANNEL", "--include_rotation",
                             "--include_sq", "--algo", "gptq", "--segment_mb", segment_mb)

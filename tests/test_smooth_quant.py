@@ -61,7 +61,7 @@ def test_alpha_outside_open_unit_interval(tiny_models, tmp_path, calib_text_path
 def test_smoothquant_without_calibration_data(tiny_models, tmp_path):
     from conftest import run_module
 
-    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                         "--output_model_path", str(tmp_path / "o"), "--skip_quantization", "--include_sq",
                         "--calib_data", str(tmp_path / "missing.txt"))
     assert_user_error(result, "missing.txt does not exist")
@@ -79,7 +79,7 @@ def test_one_pass_smoothquant_ranges_equal_a_second_calibration(tiny_models, tmp
     """The quantizer's ranges derived from per-sample channel extrema equal those a second ORT
     pass over the smoothed model observes (moving average, so the sample order matters too)."""
     import onnxquant.pipeline as pipeline
-    import onnxquant.quantize as quantize
+    import onnxquant.cli.quantize as quantize
 
     source = tiny_models.onnx("tiny-llama-96")
     flags = ["--input_model_path", str(source), "--calib_data", str(calib_text_path), "--num_calib_data", "6",
@@ -100,7 +100,7 @@ def test_sq_num_calib_data_chooses_the_scales_from_the_first_samples(tiny_models
     carried (one pass over 6, scales from the first 2 samples' extrema) or runs alone on 2 samples
     before the quantizer's pass over 6; and not the model that scales from all 6 give."""
     import onnxquant.pipeline as pipeline
-    import onnxquant.quantize as quantize
+    import onnxquant.cli.quantize as quantize
 
     flags = ["--input_model_path", str(tiny_models.onnx("tiny-llama-96")), "--calib_data", str(calib_text_path),
              "--num_calib_data", "6", "--seq_len", "128", "--use_moving_average", "--moving_average_constant", "0.3",
@@ -122,7 +122,7 @@ def test_one_pass_hessians_equal_a_second_calibration(tiny_models, tmp_path, cal
     """GPTQ's Hessians carried from the smoothing pass as H / (s sᵀ) equal those a second ORT pass over
     the smoothed model sums, also where an explicit Mul renames the input (gate_proj left in float)."""
     import onnxquant.pipeline as pipeline
-    import onnxquant.quantize as quantize
+    import onnxquant.cli.quantize as quantize
 
     seen: dict[str, list[np.ndarray]] = {"one": [], "two": []}
     factors = pipeline.factor_hessian

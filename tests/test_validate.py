@@ -4,7 +4,7 @@ import pytest
 from onnxquant.checkpoint import resolve_model_source
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.torch_reference import load_torch_model, torch_perplexity
-from onnxquant.validate import eval_windows, evaluate_perplexity, window_nll
+from onnxquant.evaluation import eval_windows, evaluate_perplexity, window_nll
 
 from conftest import run_module
 
@@ -34,7 +34,7 @@ def test_genai_and_ort_backends_agree(tiny_models, test_text):
 
 
 def test_validate_cli_prints_summary_last(tiny_models, test_text_path):
-    result = run_module("onnxquant.validate", "--model_name_or_path", str(tiny_models.onnx("tiny-llama-96")),
+    result = run_module("onnxquant.cli.validate", "--model_name_or_path", str(tiny_models.onnx("tiny-llama-96")),
                         "--block_size", "128", "--max_blocks", "2", "--dataset_path", str(test_text_path))
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]

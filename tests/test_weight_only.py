@@ -11,7 +11,7 @@ from onnxquant.algorithms.gptq import GPTQSettings, gptq_round
 from onnxquant.calibration import ChannelSquareSumObserver, HessianObserver, run_calibration
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.spec import QuantSpec, round_to_nearest
-from onnxquant.validate import eval_windows, evaluate_perplexity
+from onnxquant.evaluation import eval_windows, evaluate_perplexity
 
 from conftest import assert_user_error, run_module
 
@@ -88,7 +88,7 @@ def test_hessian_token_stride_sums_every_nth_token(tmp_path):
 
 
 def _w4(tiny_models, out, calib_text_path, *flags):
-    return run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+    return run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                       "--output_model_path", str(out), "--num_calib_data", "8", "--seq_len", "128",
                       "--calib_data", str(calib_text_path), "--block_size", "32", *flags)
 
@@ -122,7 +122,7 @@ def test_4bit_model_runs_in_ort_genai_near_float(tiny_models, tmp_path, calib_te
     (("--config", "UINT4_PER_GROUP_ASYM", "--int8_nodes", "no_such_head"), "'no_such_head'"),
 ])
 def test_4bit_flag_mistakes(tiny_models, tmp_path, calib_text_path, flags, needle):
-    result = run_module("onnxquant.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
+    result = run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx("tiny-llama-96")),
                         "--output_model_path", str(tmp_path / "o"), "--calib_data", str(calib_text_path), *flags)
     assert_user_error(result, needle)
     assert not (tmp_path / "o").exists()
@@ -135,7 +135,7 @@ def test_smollm2_gptq_block_128_beats_round_to_nearest(smollm2_onnx, tmp_path, c
     ppl = {}
     for algo in ("rtn", "gptq"):
         out = tmp_path / algo
-        result = run_module("onnxquant.quantize", "--input_model_path", str(smollm2_onnx), "--output_model_path", str(out),
+        result = run_module("onnxquant.cli.quantize", "--input_model_path", str(smollm2_onnx), "--output_model_path", str(out),
                             "--config", "UINT4_PER_GROUP_ASYM", "--algo", algo, "--calib_data", str(calib_text_path),
                             "--num_calib_data", "16", "--seq_len", "512")
         assert result.returncode == 0, result.stderr[-2000:]

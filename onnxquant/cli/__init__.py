@@ -1,7 +1,7 @@
-"""`onnxquant`: one command with the subcommands export, quantize, validate, generate and benchmark.
+"""`onnxquant`: one command with the subcommands export, quantize, validate, generate, recipes and benchmark.
 
-Each subcommand is the matching `python -m onnxquant.<name>` module (benchmark: `tools/benchmark.py`,
-installed as `onnxquant.tools.benchmark`) and takes the same flags.
+Each subcommand is the module `onnxquant.cli.<name>` (`python -m onnxquant.cli.<name>` takes the same
+flags); every one of them is a thin layer over the Python API in onnxquant.api.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import sys
 from onnxquant.errors import run_cli
 
 SUBCOMMANDS = {
-    "export": ("onnxquant.export", "HF checkpoint folder, GGUF file or the embedded SmolLM2 -> ORT-GenAI folder"),
-    "quantize": ("onnxquant.quantize", "rotate / smooth / quantize an ORT-GenAI folder (INT8 QDQ, 4-bit MatMulNBits)"),
-    "validate": ("onnxquant.validate", "wikitext-2 perplexity of an ORT-GenAI folder"),
-    "generate": ("onnxquant.generate", "greedy generation with the chat template; --compare against another folder"),
+    "export": ("onnxquant.cli.export", "HF checkpoint folder, GGUF file or the embedded SmolLM2 -> ORT-GenAI folder"),
+    "quantize": ("onnxquant.cli.quantize", "quantize an ORT-GenAI folder by a recipe (--recipe w8a8, a file, or flags)"),
+    "validate": ("onnxquant.cli.validate", "wikitext-2 perplexity of an ORT-GenAI folder"),
+    "generate": ("onnxquant.cli.generate", "greedy generation with the chat template; --compare against another folder"),
+    "recipes": ("onnxquant.cli.recipes", "the built-in recipes with their measured figures"),
     "benchmark": ("onnxquant.tools.benchmark", "every recipe and the ORT peers side by side: perplexity, size, speed"),
 }
 

@@ -1,4 +1,4 @@
-"""`python -m onnxquant.validate`: wikitext-2 perplexity of an ORT-GenAI model folder.
+"""Perplexity of an ORT-GenAI model folder (`onnxquant.evaluate`, `onnxquant validate`).
 
 Protocol: tokenize the whole text once with the folder's tokenizer (no special tokens), cut
 consecutive non-overlapping windows of `block_size` tokens, run each window from an empty KV
@@ -7,7 +7,6 @@ cache, and report PPL = exp(mean NLL over the block_size - 1 predicted positions
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -17,10 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from onnxquant.data import cut_windows, resolve_text, tokenize
-from onnxquant.cli import HelpFormatter
-from onnxquant.errors import fail, run_cli
-from onnxquant.genai_folder import GenAIFolder, open_genai_folder
+from onnxquant.data import cut_windows, tokenize
+from onnxquant.genai_folder import GenAIFolder
 from onnxquant.runtime import usable_cores
 
 
@@ -116,42 +113,3 @@ def eval_windows(folder: GenAIFolder, text: str, block_size: int, max_blocks: in
     available = len(ids) // block_size
     count = None if max_blocks is None or available == 0 else min(max_blocks, available)
     return cut_windows(ids, block_size, count, "evaluation text")
-
-
-def build_parser(prog: str = "python -m onnxquant.validate") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=HelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="ORT-GenAI model folder")
-    parser.add_argument("--do_onnx_eval", action="store_true",
-                        help="accepted for compatibility with AMD Quark's oga_validate.py; evaluation always runs")
-    parser.add_argument("--block_size", type=int, default=2048, help="tokens per evaluation window")
-    parser.add_argument("--max_blocks", type=int, default=None, help="evaluate only the first N blocks (default: all)")
-    parser.add_argument("--dataset", choices=("wikitext2",), default=None,
-                        help="load this dataset's test split from the Hugging Face hub with `datasets` instead of --dataset_path")
-    parser.add_argument("--dataset_path", default=None,
-                        help="local text file (default: the embedded WikiText-2 raw test split)")
-    parser.add_argument("--backend", choices=tuple(BACKENDS), default="genai",
-                        help="genai: ONNX Runtime GenAI (default); ort: plain onnxruntime cross-check")
-    return parser
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m onnxquant.validate") -> int:
-    args = build_parser(prog).parse_args(argv)
-    if args.block_size < 2:
-        fail(f"--block_size must be at least 2, got {args.block_size}")
-    if args.max_blocks is not None and args.max_blocks < 1:
-        fail(f"--max_blocks must be at least 1, got {args.max_blocks}")
-    folder = open_genai_folder(args.model_name_or_path)
-    folder.check_fits_context(args.block_size, "--block_size")
-    text = resolve_text(args.dataset_path, args.dataset, "test")
-    windows = eval_windows(folder, text, args.block_size, args.max_blocks)
-    result = evaluate_perplexity(folder, windows, args.backend)
-    if not math.isfinite(result.perplexity):
-        fail(f"the perplexity of {folder.path} is {result.perplexity} (its logits are not finite): the model is broken; "
-             "re-quantize it from the float export")
-    print(result.summary())
-    return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)

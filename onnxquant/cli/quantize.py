@@ -1,0 +1,54 @@
+"""`onnxquant quantize`: an ORT-GenAI folder quantized by a recipe (`--recipe w8a8`, a recipe file, or the
+Quark-style flags below, which onnxquant.cli.quark_flags maps onto a recipe)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from onnxquant.cli import HelpFormatter
+from onnxquant.cli.quark_flags import add_flags, given_flags, recipe_from_flags
+from onnxquant.errors import fail, run_cli
+from onnxquant.timing import phase_summary
+
+
+def build_parser(prog: str = "onnxquant quantize") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("input", nargs="?", default=None, help="the float ORT-GenAI folder (or --input_model_path)")
+    parser.add_argument("output", nargs="?", default=None, help="a new folder for the result (or --output_model_path)")
+    parser.add_argument("--input_model_path", default=None, help="model.onnx of an ORT-GenAI folder (or the folder)")
+    parser.add_argument("--output_model_path", default=None, help="model.onnx in a new folder (or the folder)")
+    add_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "onnxquant quantize") -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(argv)
+    try:
+        recipe = recipe_from_flags(args, given_flags(build_parser, argv))
+    except ValueError as exc:  # a combination of flags and recipe the recipe's own checks refuse
+        key = f"key {exc.key}: " if getattr(exc, "key", "") else ""
+        fail(f"these flags make an invalid recipe: {key}{exc}")
+    if args.print_recipe:
+        print(recipe.resolved().to_yaml(), end="")
+        return 0
+    source, target = args.input_model_path or args.input, args.output_model_path or args.output
+    if source is None or target is None:
+        fail("give the input folder and the output folder (onnxquant quantize IN OUT, or --input_model_path and "
+             "--output_model_path)")
+    from onnxquant.api import quantize
+
+    result = quantize(source, target, recipe, overwrite=args.overwrite)
+    if result.quality is not None or result.exact_errors:
+        parts = [" ".join(f"exact_{stage}={error:.1e}" for stage, error in result.exact_errors.items())]
+        if result.quality is not None:
+            parts.append(result.quality.summary() + (" degraded=kept (allow_degraded)" if result.degraded else ""))
+        print("verify: " + " ".join(part for part in parts if part), flush=True)
+    print(phase_summary(result.phase_seconds), flush=True)
+    print(result.summary_line)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
