@@ -36,8 +36,8 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from onnxquant.algorithms.awq import awq_scales
-from onnxquant.algorithms.gptq import GPTQSettings, factor_hessian, gptq_round
-from onnxquant.algorithms.rtn import clip_search
+from onnxquant.algorithms.gptq import GPTQSettings
+from onnxquant.algorithms.registry import get_algorithm
 from onnxquant.algorithms.sensitivity import matmul_sensitivity
 from onnxquant.algorithms.smooth_quant import SEARCH_ALPHAS, choose_alpha, smoothed_error, target_scales
 from onnxquant.calibration import (ChannelAbsMaxObserver, ChannelExtremaRecorder, ChannelMeanAbsObserver, ChannelSquareSumObserver,
@@ -93,13 +93,17 @@ class QuantizeSettings:
 
     @property
     def needs_calibration(self) -> bool:
-        scheme = self.scheme
         return self.sq_alpha is not None or (not self.skip_quantization and (
-            scheme.static_activations or scheme.algo != "rtn" or self.exclude_most_sensitive > 0))
+            self.scheme.static_activations or self.needs_hessians))
 
     @property
     def needs_hessians(self) -> bool:
-        return self.scheme.algo in ("gptq", "awq") or self.exclude_most_sensitive > 0
+        return any(get_algorithm(a).needs_hessians for a in self.scheme.algos) or self.exclude_most_sensitive > 0
+
+    @property
+    def folds_scales(self) -> bool:
+        """AWQ: scales folded into each input's producer before rounding."""
+        return any(get_algorithm(a).folds_scales for a in self.scheme.algos)
 
 
 def settings_for(recipe: recipes.Recipe) -> QuantizeSettings:
@@ -158,7 +162,7 @@ class QuantizeReport:
             extras += f" kept_float={len(self.kept_float)}"
         if settings.needs_hessians and settings.hessian_token_stride > 1:
             extras += f" hessian_token_stride={settings.hessian_token_stride}"
-        if self.calibration_passes and (settings.sq_alpha is not None or scheme.algo != "rtn"):
+        if self.calibration_passes and (settings.sq_alpha is not None or settings.needs_hessians):
             extras += f" calibration_passes={self.calibration_passes}"
         if self.calibration_segments > 1:
             extras += f" calibration_segments={self.calibration_segments}"
@@ -259,7 +263,7 @@ def _carries_statistics(settings: QuantizeSettings) -> bool:
     (Rotating first instead, so that one pass would always do, costs accuracy: the main job's
     down_proj input is then not smoothed, quick-probe ratio 1.115 against 1.008, and smoothing
     o_proj's input after R2 gives 21.0567 against 21.0232 on 16 blocks.)"""
-    return not settings.r4 and settings.hadamard_group_size is None and settings.scheme.algo != "awq"
+    return not settings.r4 and settings.hadamard_group_size is None and not settings.folds_scales
 
 
 def _prepare_smoothing(ctx: StageContext) -> list[Observation]:
@@ -459,48 +463,54 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
         else:
             observations += _observe_hessians(ctx, plan)
             ctx.hessian_tokens = None
-    if scheme.algo == "awq":
+    if ctx.settings.folds_scales:
         ctx.state["mean_abs"] = {name: ChannelMeanAbsObserver() for name in plan.activations}
         observations += list(ctx.state["mean_abs"].items())
     return observations
 
 
-class _HessianRounder:
-    """Rounds each planned weight with GPTQ (or H-weighted clip search) from its input's Hessian,
-    divided by any AWQ scales that were folded into that input. An input's Hessian is factored once
-    for all the weights that read it, and dropped once the last of them has been rounded.
-    Thread-safe: weights are rounded on several threads (emitters.RoundingAhead); the first reader
-    of an input factors its Hessian while the others wait for it."""
+class _WeightRounder:
+    """Rounds each planned weight with its node's algorithm (onnxquant.algorithms.registry). An algorithm
+    that reads the Hessian gets its input's (divided by any AWQ scales folded into that input), prepared
+    once for all the weights that read the input (GPTQ's factor, AWQ's diag H) and dropped once the last of
+    them has been rounded. Thread-safe: weights are rounded on several threads (emitters.RoundingAhead);
+    the first reader of an input prepares its Hessian while the others wait for it."""
 
-    def __init__(self, hessians: SpillingStore, reader_input: dict[str, str], settings: GPTQSettings, gptq: bool):
+    def __init__(self, plan: QuantPlan, hessians: SpillingStore | None, settings: GPTQSettings):
+        self.algorithms = {name: get_algorithm(node.algo) for name, node in plan.nodes.items()}
+        self.reader_input = {} if hessians is None else {
+            reader: activation for activation, readers in plan.activations.items() for reader in readers
+            if self.algorithms[reader].needs_hessians}
         self.hessians = hessians
-        self.reader_input = reader_input
-        self.readers_left = Counter(reader_input.values())
+        self.readers_left = Counter(self.reader_input.values())
         self.settings = settings
-        self.gptq = gptq
-        # Per input, what its readers are rounded with: GPTQ's HessianFactor, or diag H for the clip search.
-        self.factors = {}
+        self.prepared: dict[str, dict[str, object]] = {}  # input -> algorithm name -> what its readers round with
         self.lock = threading.Lock()
         self.input_locks = {activation: threading.Lock() for activation in self.readers_left}
+        names = sorted({self.algorithms[reader].name for reader in self.reader_input})
         # Rounding runs as the model is written; at 1.5B it takes minutes.
-        self.progress = tqdm(total=len(reader_input), desc="gptq" if gptq else "clip search", unit="weight")
+        self.progress = tqdm(total=len(self.reader_input), desc=" + ".join(names), unit="weight",
+                             disable=not self.reader_input)
 
-    def _factor(self, activation: str):
+    def _prepare(self, activation: str) -> dict[str, object]:
         with self.input_locks[activation]:
-            if activation not in self.factors:
+            if activation not in self.prepared:
                 with self.lock:
                     hessian = self.hessians.get(activation)
                     if hessian is not None:
                         del self.hessians[activation]
-                if hessian is None:
-                    return None
-                self.factors[activation] = factor_hessian(hessian, self.settings) if self.gptq else np.diag(hessian).copy()
-            return self.factors[activation]
+                users = {self.algorithms[r] for r, a in self.reader_input.items() if a == activation}
+                self.prepared[activation] = {} if hessian is None else {
+                    algorithm.name: algorithm.prepare(hessian, self.settings) for algorithm in users}
+            return self.prepared[activation]
 
     def __call__(self, node_name: str, weight: np.ndarray, spec: QuantSpec):
+        algorithm = self.algorithms[node_name]
         activation = self.reader_input.get(node_name)
-        factor = self._factor(activation) if activation in self.input_locks else None
-        if factor is None:
+        if activation is None:
+            return algorithm.round(weight, spec, None, self.settings)
+        prepared = self._prepare(activation).get(algorithm.name)
+        if prepared is None:  # no Hessian reached this input
             return nearest_rounder(node_name, weight, spec)
         with self.lock:
             self.progress.update()
@@ -508,10 +518,8 @@ class _HessianRounder:
                 self.progress.close()
             self.readers_left[activation] -= 1
             if self.readers_left[activation] == 0:
-                del self.factors[activation]
-        if self.gptq:
-            return gptq_round(weight, factor, spec, self.settings)
-        return clip_search(weight, spec, factor)
+                del self.prepared[activation]
+        return algorithm.round(weight, spec, prepared, self.settings)
 
 
 def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
@@ -520,9 +528,7 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
     ranges = ctx.ranges or {}
     if "range_observers" in ctx.state:
         ranges = {name: observer.range() for name, observer in ctx.state["range_observers"].items()}
-    rounder = nearest_rounder
-    if scheme.clip_search and scheme.algo == "rtn":
-        rounder = lambda name, weight, spec: clip_search(weight, spec)  # noqa: E731
+    hessians = None
     if ctx.settings.needs_hessians:
         hessians = ctx.state.pop("hessian_store")  # each is freed once rounded (float32 until used)
     if ctx.settings.exclude_most_sensitive:
@@ -531,11 +537,10 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
         plan = plan.without(ctx.report.kept_float)
         for name in [name for name in hessians if name not in plan.activations]:
             del hessians[name]
-    if scheme.algo in ("gptq", "awq"):
-        if scheme.algo == "awq":
-            passes.append(_awq_pass(ctx, plan, hessians))
-        reader_input = {reader: activation for activation, readers in plan.activations.items() for reader in readers}
-        rounder = _HessianRounder(hessians, reader_input, ctx.settings.gptq, gptq=scheme.algo == "gptq")
+    if ctx.settings.folds_scales:
+        passes.append(_awq_pass(ctx, plan, hessians))
+    rounder = _WeightRounder(plan, hessians if any(get_algorithm(a).needs_hessians for a in scheme.algos) else None,
+                             ctx.settings.gptq)
     description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}
     if ctx.report.kept_float:
         description["kept_float"] = ctx.report.kept_float

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from onnxquant.algorithms.registry import get_algorithm
 from onnxquant.patterns import is_const_matmul, is_embedding_gather
 from onnxquant.schemes import QuantScheme
 from onnxquant.spec import QuantSpec
@@ -23,6 +24,8 @@ class PlannedNode:
     name: str
     op: str  # "MatMul" or "Gather"
     weights: QuantSpec
+    algo: str = "rtn"  # the weight algorithm that rounds it (onnxquant.algorithms.registry)
+    accuracy_level: int = 0  # MatMulNBits only
 
 
 @dataclass
@@ -52,19 +55,21 @@ def plan_quantization(graph: ir.Graph, scheme: QuantScheme, include_embedding: b
     plan = QuantPlan(activation_spec=scheme.activations)
     for node in graph:
         if is_const_matmul(node):
-            spec = scheme.weights_for(node.name)
-            if spec is None:
+            chosen = scheme.node_format(node.name)
+            if chosen.weights is None:
                 continue
-            plan.nodes[node.name] = PlannedNode(node.name, "MatMul", spec)
+            plan.nodes[node.name] = PlannedNode(node.name, "MatMul", chosen.weights, chosen.algo, chosen.accuracy_level)
             plan.activations.setdefault(node.inputs[0].name, []).append(node.name)
         elif include_embedding and plan.embedding is None and is_embedding_gather(node) and scheme.embedding is not None:
             spec = scheme.embedding
             for override in scheme.overrides:
-                if override.matches(node.name):
-                    spec = override.weights if override.weights is None else _embedding_spec(override.weights)
+                if override.matches(node.name) and (override.keep_float or override.weights is not None):
+                    spec = None if override.keep_float else _embedding_spec(override.weights)
             if spec is None:
                 continue
-            plan.nodes[node.name] = PlannedNode(node.name, "Gather", spec)
+            # The embedding has no input to take a Hessian of: a Hessian algorithm rounds it to nearest.
+            algo = scheme.algo if not get_algorithm(scheme.algo).needs_hessians else "rtn"
+            plan.nodes[node.name] = PlannedNode(node.name, "Gather", spec, algo)
             plan.embedding = node.name
     return plan
 

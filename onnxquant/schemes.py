@@ -26,11 +26,14 @@ from onnxquant.spec import QuantSpec
 @dataclass(frozen=True)
 class NodeOverride:
     """Nodes whose name contains `pattern` (matches it as a glob when it has * ? [, or as a regular
-    expression searched in the name after `re:`) get `weights` instead of the scheme's; weights None
-    keeps them in float."""
+    expression searched in the name after `re:`) are kept in float (`keep_float`), or get `weights`,
+    `algo` or `accuracy_level` instead of the scheme's (None: the scheme's)."""
 
     pattern: str
     weights: QuantSpec | None = None
+    keep_float: bool = False
+    algo: str | None = None
+    accuracy_level: int | None = None
 
     def matches(self, name: str) -> bool:
         if self.pattern.startswith("re:"):
@@ -57,7 +60,15 @@ class Calibration:
             raise ValueError("averaging_constant must be in (0, 1]")
 
 
-ALGORITHMS = ("rtn", "awq", "gptq")
+@dataclass(frozen=True)
+class NodeFormat:
+    """What one node gets: its weight grid (None: float), the algorithm that rounds it, its MatMulNBits level."""
+
+    weights: QuantSpec | None
+    algo: str
+    accuracy_level: int
+
+
 # A symmetric per-column int8 weight's scales: multiplied into the MatMul's float output by a Mul
 # ("after_matmul": the integer kernel takes one scalar scale, its fast path at one token) or handed
 # to the fused kernel as a vector ("in_kernel": no extra pass over the output, which long prompts favour).
@@ -74,14 +85,17 @@ class QuantScheme:
     overrides: tuple[NodeOverride, ...] = ()
     calibration: Calibration = Calibration()
     sq_alpha: float = 0.5  # SmoothQuant migration strength when --include_sq is given without --sq_alpha
-    algo: str = "rtn"  # how weights are rounded: rtn, awq or gptq
+    algo: str = "rtn"  # how weights are rounded: a name in onnxquant.algorithms.registry
     accuracy_level: int = 0  # MatMulNBits compute type (4: int8 activations per block at run time)
-    clip_search: bool = False  # RTN: search a per-block clip ratio minimizing the block's error
     column_scales: str = "after_matmul"  # where per-column int8 weight scales apply (COLUMN_SCALE_PLACEMENTS)
 
     def __post_init__(self) -> None:
-        if self.algo not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algo!r}")
+        from onnxquant.algorithms.registry import get_algorithm
+
+        for algo in (self.algo, *(o.algo for o in self.overrides if o.algo is not None)):
+            get_algorithm(algo)  # raises ValueError naming the known ones
+        if any(o.algo is not None and get_algorithm(o.algo).folds_scales for o in self.overrides):
+            raise ValueError("an override cannot fold scales (awq works per input group); set it for the whole scheme")
         if self.column_scales not in COLUMN_SCALE_PLACEMENTS:
             raise ValueError(f"unknown column scale placement {self.column_scales!r}")
         if (self.activations is not None and self.weights.granularity == "per_block"
@@ -123,12 +137,26 @@ class QuantScheme:
         return dataclasses.replace(self, calibration=dataclasses.replace(self.calibration, **changes))
 
     def weights_for(self, node_name: str) -> QuantSpec | None:
-        """The weight grid of one node after overrides (the last matching override wins)."""
-        spec = self.weights
+        """The weight grid of one node after overrides."""
+        return self.node_format(node_name).weights
+
+    def node_format(self, node_name: str) -> NodeFormat:
+        """What one node gets after overrides: each setting from the last matching override that sets it."""
+        spec, algo, level = self.weights, self.algo, self.accuracy_level
         for override in self.overrides:
             if override.matches(node_name):
-                spec = override.weights
-        return spec
+                if override.keep_float:
+                    spec = None
+                elif override.weights is not None:
+                    spec = override.weights
+                algo = override.algo or algo
+                level = override.accuracy_level if override.accuracy_level is not None else level
+        return NodeFormat(spec, algo, level)
+
+    @property
+    def algos(self) -> set[str]:
+        """Every weight algorithm this scheme may use (its own and its overrides')."""
+        return {self.algo, *(o.algo for o in self.overrides if o.algo is not None)}
 
 
 INT8_SYMMETRIC_ACT = QuantSpec("int8", "per_tensor", symmetric=True)

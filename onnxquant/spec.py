@@ -328,11 +328,15 @@ def round_to_nearest(weight: np.ndarray, spec: QuantSpec, clip: np.ndarray | flo
         codes = quantize_array(blocks, scale[..., None] * np.float32(tensor_scale), zero_point[..., None], spec)
         return QuantizedWeight(codes, scale, zero_point, spec, k, tensor_scale)
     reduce_axes = (0,) if spec.granularity == "per_channel" else None
+    # `clip` (per column, or one) shrinks the range; left out at 1, so the unclipped grid stays bit-exact.
+    def clipped(bound: np.ndarray) -> np.ndarray:
+        return bound if np.isscalar(clip) and clip == 1.0 else bound * np.asarray(clip, np.float32)
+
     if spec.symmetric:
         bound = pair_safe_bound(weight, spec, reduce_axes) if spec.pair_safe else weight_bound(weight, reduce_axes)
-        scale, zero_point = quant_params(-bound, bound, spec)
+        scale, zero_point = quant_params(-clipped(bound), clipped(bound), spec)
     else:
-        scale, zero_point = quant_params(weight.min(axis=reduce_axes), weight.max(axis=reduce_axes), spec)
+        scale, zero_point = quant_params(clipped(weight.min(axis=reduce_axes)), clipped(weight.max(axis=reduce_axes)), spec)
     # Row blocks: a scale per column (or one scale) is the same for every row of a block.
     codes = map_blocks(weight, lambda rows, _: quantize_array(rows, scale, zero_point, spec), 0, spec.numpy_dtype)
     if spec.pair_safe:

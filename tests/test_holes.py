@@ -124,7 +124,7 @@ def test_shipped_rotation_configs_are_found():
 def test_exclude_most_sensitive_keeps_that_many_matmuls_in_float(tiny_models, tmp_path, calib_text_path):
     result = _tiny_quantize(tiny_models, tmp_path / "q", calib_text_path, "--exclude_most_sensitive", "2")
     assert result.returncode == 0, result.stderr[-2000:]
-    kept = re.findall(r"^kept in float: (\S+)", result.stdout, re.MULTILINE)
+    kept = re.findall(r"^kept in float: (\S+)", result.stderr, re.MULTILINE)
     assert len(kept) == 2 and "kept_float=2" in result.stdout
     graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxquant.algorithms.registry import WeightAlgorithm, register
+from onnxquant.algorithms.rtn import clip_search
 from onnxquant.scale_folding import FoldTarget
 from onnxquant.spec import QuantSpec, round_to_nearest
 
@@ -38,3 +40,9 @@ def awq_scales(target: FoldTarget, weights: list[np.ndarray], specs: list[QuantS
         if loss < best[0]:
             best = (loss, scales, float(alpha))
     return best[1], best[2]
+
+
+AWQ = register(WeightAlgorithm(
+    "awq", "activation-aware scales folded into each input's producer, then clip search weighted by diag H",
+    lambda weight, spec, importance, settings: clip_search(weight, spec, importance),
+    prepare=lambda hessian, settings: np.diag(hessian).copy(), folds_scales=True))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
+from onnxquant.algorithms.registry import WeightAlgorithm, register
 from onnxquant.algorithms.rtn import clip_search
 from onnxquant.spec import (PAIR_LIMIT, QuantizedWeight, QuantSpec, column_chunks, concat_columns, nvfp4_tensor_scale,
                             padded_blocks, round_codes, round_to_nearest)
@@ -145,3 +146,8 @@ def _gptq_columns(weight: np.ndarray, factor: HessianFactor, spec: QuantSpec, se
     if k % spec.block_size:
         blocks[:, -1, k % spec.block_size:] = grid.zero_point[:, -1:].astype(np.float32)
     return QuantizedWeight(blocks.astype(spec.numpy_dtype), grid.scale, grid.zero_point, spec, k, grid.tensor_scale)
+
+
+GPTQ = register(WeightAlgorithm(
+    "gptq", "Hessian-aware rounding row by row, later rows absorbing each row's error (calibration Hessians)",
+    lambda weight, spec, factor, settings: gptq_round(weight, factor, spec, settings), prepare=factor_hessian))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnxquant.algorithms.registry import WeightAlgorithm, register
 from onnxquant.spec import (COLUMNS_PER_CHUNK, QuantizedWeight, QuantSpec, block_grid, column_chunks, concat_columns, nvfp4_tensor_scale, padded_blocks,
                             quantize_array, round_to_nearest)
 
@@ -39,3 +40,10 @@ def _clip_search_columns(weight: np.ndarray, spec: QuantSpec, importance: np.nda
         better = err < best_err
         best_err[better], best_ratio[better] = err[better], ratio
     return round_to_nearest(weight, spec, best_ratio)
+
+
+RTN = register(WeightAlgorithm("rtn", "round to nearest on the full range",
+                               lambda weight, spec, prepared, settings: round_to_nearest(weight, spec)))
+CLIP_SEARCH = register(WeightAlgorithm(
+    "clip_search", "round to nearest with a per-block clip ratio minimizing the block's error (blocked grids)",
+    lambda weight, spec, prepared, settings: clip_search(weight, spec)))

@@ -14,7 +14,8 @@ from onnxquant.errors import fail
 from onnxquant.emitters.qdq import has_column_scales
 from onnxquant.recipes import Grid, HadamardGroups, Override, Quantize, R4, Recipe, Rotate, Smooth, load_recipe
 from onnxquant.recipes.schema import HADAMARD_GROUP_SIZES, STAGE_TYPES
-from onnxquant.schemes import ALGORITHMS, COLUMN_SCALE_PLACEMENTS, SCHEMES, uint8_blocks
+from onnxquant.algorithms.registry import algorithms
+from onnxquant.schemes import COLUMN_SCALE_PLACEMENTS, SCHEMES, uint8_blocks
 from onnxquant.spec import BLOCK_SIZES, E8M0_ROUNDINGS
 
 
@@ -25,8 +26,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add("--print_recipe", action="store_true", help="print the recipe these flags mean (YAML) and exit, writing nothing")
     add("--config", default="INT8_TRANSFORMER_DEFAULT", help=f"scheme: {', '.join(SCHEMES)}")
     add("--block_size", type=int, default=None, help="blocked weight schemes: weights per block along K (16..256, power of two; default: the scheme's, 128 for 4-bit, 32 for MX, 16 for NVFP4)")
-    add("--algo", choices=ALGORITHMS, default=None,
-        help="weight rounding (default rtn); gptq for every scheme, awq for the weight-only ones")
+    add("--algo", choices=tuple(algorithms()), default=None,
+        help="weight rounding (default rtn): " + "; ".join(f"{a.name}: {a.summary}" for a in algorithms().values()))
     add("--accuracy_level", type=int, default=0, help="MatMulNBits accuracy_level: 0, 1, 2 or 4 (int8 compute)")
     add("--clip_search", action="store_true", help="RTN: per-block clip ratio minimizing the block's error")
     add("--column_scales", choices=COLUMN_SCALE_PLACEMENTS, default=None,
@@ -132,7 +133,7 @@ def recipe_from_flags(args: argparse.Namespace, given: set[str]) -> Recipe:
                                        weight_only=False, keep_embedding_float=False)
     scheme = quantize.resolved_scheme()
     blocked = scheme.weights.granularity == "per_block"
-    if "algo" in given and args.algo == "awq" and scheme.activations is not None:
+    if "algo" in given and algorithms()[args.algo].folds_scales and scheme.activations is not None:
         fail(f"--algo awq applies to the weight-only schemes (its scales fold like SmoothQuant's, which "
              f"quantized activations take through --include_sq), not {scheme.name}; use --algo gptq or --include_sq")
     for flag, present in (("--block_size", "block_size" in given), ("--int8_nodes", bool(args.int8_nodes))):

@@ -66,7 +66,7 @@ def emit_matmul_nbits(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -
         zp_shape = (n, -(-blocks // 2)) if spec.bits == 4 else (n, blocks)
         inputs.append(add_initializer(graph, f"{weight.name}_zero_points", lazy.part("zero_point"),
                                       dtype=ir.DataType.UINT8, shape=zp_shape))
-    accuracy_level = 4 if spec.bits == 8 else ctx.accuracy_level
+    accuracy_level = 4 if spec.bits == 8 else planned.accuracy_level
     attributes = {"K": k, "N": n, "bits": spec.bits, "block_size": spec.block_size}
     if accuracy_level:
         attributes["accuracy_level"] = accuracy_level

@@ -91,29 +91,33 @@ class Observer:
 
 # --- algorithm and lowering -----------------------------------------------------------------------
 
-ALGORITHM_NAMES = ("rtn", "clip_search", "gptq", "awq")
+def _known_algorithm(name: str, key: str) -> None:
+    from onnxquant.algorithms.registry import algorithms
+
+    known = algorithms()
+    if name not in known:
+        raise _Invalid(f"unknown weight algorithm {name!r}; known: {', '.join(known)}", key)
 
 
 @dataclass(frozen=True)
 class Algorithm:
-    """How weights are rounded onto their grid: `rtn` (nearest), `clip_search` (RTN with a per-block clip
-    ratio minimizing the block's error), `gptq` (Hessian-aware, from calibration) or `awq` (activation-aware
+    """How weights are rounded onto their grid, by a name in onnxquant.algorithms.registry: `rtn` (nearest),
+    `clip_search` (RTN with a per-block clip ratio minimizing the block's error), `mse` (RTN with the
+    least-squared-error range per column), `gptq` (Hessian-aware, from calibration) or `awq` (activation-aware
     scales folded into the producer, then clip search weighted by the Hessian's diagonal)."""
 
-    name: Literal["rtn", "clip_search", "gptq", "awq"] = "rtn"
+    name: str = "rtn"
     hessian_token_stride: int = 1  # gptq, awq: the Hessian from every n-th calibration token
     damp: float = 0.01  # gptq: dampening, a fraction of mean(diag H)
     act_order: bool = True  # gptq: rows in order of decreasing Hessian diagonal
 
     def __post_init__(self) -> None:
+        _known_algorithm(self.name, "name")
         if self.hessian_token_stride < 1:
             raise _Invalid(f"must be at least 1, got {self.hessian_token_stride}", "hessian_token_stride")
         if not 0.0 < self.damp < 1.0:
             raise _Invalid(f"must be in (0, 1), got {self.damp}", "damp")
 
-    @property
-    def needs_hessians(self) -> bool:
-        return self.name in ("gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -126,12 +130,15 @@ class Lowering:
 
 @dataclass(frozen=True)
 class Override:
-    """Nodes whose name matches `match` get other weights, or stay float. `match` is a substring, a glob
+    """Nodes whose name matches `match` stay float (`keep_float`), or get other weights, another weight
+    algorithm or another MatMulNBits accuracy level (each None: the stage's). `match` is a substring, a glob
     (with * ? [), or a regular expression after `re:` (searched in the name, as llm-compressor's targets)."""
 
     match: str
     weights: Grid | None = None
     keep_float: bool = False
+    algorithm: str | None = None
+    accuracy_level: Literal[0, 1, 2, 4] | None = None
 
     def __post_init__(self) -> None:
         if not self.match:
@@ -141,8 +148,12 @@ class Override:
                 re.compile(self.match[3:])
             except re.error as exc:
                 raise _Invalid(f"is not a regular expression ({exc})", "match") from None
-        if (self.weights is None) == (not self.keep_float):
-            raise _Invalid("give exactly one of weights or keep_float: true", "weights")
+        if self.keep_float and (self.weights, self.algorithm, self.accuracy_level) != (None, None, None):
+            raise _Invalid("keep_float: true leaves nothing to set; drop weights, algorithm and accuracy_level", "keep_float")
+        if not self.keep_float and (self.weights, self.algorithm, self.accuracy_level) == (None, None, None):
+            raise _Invalid("sets nothing; give keep_float: true, weights, algorithm or accuracy_level", "weights")
+        if self.algorithm is not None:
+            _known_algorithm(self.algorithm, "algorithm")
 
 
 # --- stages ---------------------------------------------------------------------------------------
@@ -236,7 +247,9 @@ class Quantize:
         if self.exclude_most_sensitive < 0:
             raise _Invalid(f"must be a count of MatMuls, got {self.exclude_most_sensitive}", "exclude_most_sensitive")
         scheme = self.resolved_scheme()
-        if self.algorithm.name == "awq" and scheme.activations is not None:
+        from onnxquant.algorithms.registry import get_algorithm
+
+        if get_algorithm(self.algorithm.name).folds_scales and scheme.activations is not None:
             raise _Invalid("awq applies to weight-only formats (its scales fold like SmoothQuant's); use gptq, or a "
                            "smooth stage", "algorithm.name")
 
@@ -248,14 +261,14 @@ class Quantize:
         activations = None if self.weight_only else (self.activations.spec() if self.activations else base.activations)
         embedding = None if self.keep_embedding_float else (self.embedding.spec() if self.embedding else base.embedding)
         weights = self.weights.spec() if self.weights else base.weights
-        overrides = tuple(NodeOverride(o.match, None if o.keep_float else o.weights.spec()) for o in self.overrides)
-        algo = "rtn" if self.algorithm.name == "clip_search" else self.algorithm.name
+        overrides = tuple(NodeOverride(o.match, o.weights.spec() if o.weights else None, o.keep_float, o.algorithm,
+                                       o.accuracy_level) for o in self.overrides)
         try:
             return QuantScheme(base.name, base.description, weights, activations, embedding, overrides,
-                               self.observer_calibration(), base.sq_alpha, algo, self.lowering.accuracy_level,
-                               self.algorithm.name == "clip_search", self.lowering.column_scales)
+                               self.observer_calibration(), base.sq_alpha, self.algorithm.name,
+                               self.lowering.accuracy_level, self.lowering.column_scales)
         except ValueError as exc:
-            raise _Invalid(str(exc), "weights") from None
+            raise _Invalid(str(exc), "") from None
 
     def observer_calibration(self):
         from onnxquant.schemes import Calibration
@@ -468,11 +481,14 @@ def _convert(kind: Any, value: Any, key: str) -> Any:
         for option in options:
             if option is type(None):
                 continue
+            if dataclasses.is_dataclass(option):
+                if isinstance(value, dict):  # a mapping is meant as this option: its own error is the error
+                    return _load(option, value, key)
+                continue
             try:
                 return _convert(option, value, key)
-            except _Invalid as exc:
-                if exc.key != key:  # a mapping that matched but holds a bad key: that is the error
-                    raise
+            except _Invalid:
+                continue
         raise _Invalid(f"must be {_type_name(kind)}, got {value!r}", key)
     if origin is tuple:
         item_kind = typing.get_args(kind)[0]
