@@ -449,8 +449,8 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
     scheme = ctx.settings.scheme
     unmatched = unmatched_patterns(ctx.model.graph, scheme)
     if unmatched:
-        fail(f"--exclude / --int8_nodes pattern {unmatched[0]!r} matches no node (MatMul or embedding) in "
-             f"{ctx.folder.model_file}; check the node name")
+        fail(f"override pattern {unmatched[0]!r} (quantize.overrides[].match, --exclude, --int8_nodes) matches no node "
+             f"(MatMul or embedding) in {ctx.folder.model_file}; check the node name")
     plan = _plan(ctx)
     ctx.state["plan"] = plan
     observations: list[Observation] = []

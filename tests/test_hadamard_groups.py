@@ -8,11 +8,9 @@ import pytest
 
 from onnxquant.algorithms.rtn import clip_search
 from onnxquant.data import tokenize
-from onnxquant.genai_folder import open_genai_folder
 from onnxquant.passes.hadamard_groups import group_rotation
 from onnxquant.patterns import GROUPS_IN_R1_KEY, HADAMARD_GROUPS_METADATA_KEY, ONLINE_ROTATION_KEY, ROTATION_METADATA_KEY
 from onnxquant.spec import QuantSpec, round_to_nearest
-from onnxquant.evaluation import eval_windows, evaluate_perplexity
 
 from conftest import assert_float_pass_exact, assert_user_error, float_pass_run, prefill_logits, relative_logit_error, run_module
 
@@ -49,7 +47,7 @@ def test_group_rotation_is_orthonormal():
     np.testing.assert_allclose(h @ h.T, np.eye(32), atol=1e-12)
 
 
-def test_mxfp4_with_hadamard_groups_quantizes_weights_not_rotations(tiny_models, tmp_path, test_text):
+def test_mxfp4_with_hadamard_groups_quantizes_weights_not_rotations(tiny_models, tmp_path):
     source = tiny_models.onnx("tiny-llama-96")
     counts = {}
     for group in (None, "32"):
@@ -61,9 +59,6 @@ def test_mxfp4_with_hadamard_groups_quantizes_weights_not_rotations(tiny_models,
         model = onnx.load(out / "model.standard.onnx", load_external_data=False)
         rotations = [n for n in model.graph.node if any(p.key == ONLINE_ROTATION_KEY for p in n.metadata_props)]
         counts[group] = (sum(n.op_type == "DequantizeLinear" for n in model.graph.node), len(rotations))
-        windows = eval_windows(open_genai_folder(source), test_text[:20000], 128, 4)
-        ppl = evaluate_perplexity(open_genai_folder(out), windows, "genai", progress=False).perplexity
-        assert np.isfinite(ppl)
     # Same weights quantized; one rotation per activation group (q/k/v, o, gate/up, down per layer, lm_head).
     assert counts["32"][0] == counts[None][0] and counts[None][1] == 0 and counts["32"][1] == 2 * 4 + 1
 

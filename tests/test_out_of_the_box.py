@@ -39,9 +39,45 @@ def test_console_script_lists_subcommands_and_defaults():
     assert "samples (default: 64)" in text and "(default: INT8_TRANSFORMER_DEFAULT)" in text
 
 
+def _quantize_args(source, out, *flags):
+    return ["--input_model_path", str(source), "--output_model_path", str(out), "--num_calib_data", "4", "--seq_len", "128",
+            "--use_moving_average", *flags]
+
+
 def _quantize(source, out, *flags):
-    return run_module("onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
-                      "--num_calib_data", "4", "--seq_len", "128", "--use_moving_average", *flags)
+    return run_module("onnxquant.cli.quantize", *_quantize_args(source, out, *flags))
+
+
+# `onnxquant quantize` with every weight scale of the written model times 4 before the collapse guard measures it:
+# a collapse (tiny-llama-96: quick perplexity 8.7e4 x float's) whatever INT8 itself does to the model.
+CORRUPTED_WEIGHT_SCALES = """
+import onnx
+from onnx import numpy_helper
+import onnxquant.pipeline as pipeline
+from onnxquant.cli.quantize import main
+from onnxquant.errors import run_cli
+
+original = pipeline.quantize_model
+
+def corrupted(folder, output, *args, **kwargs):
+    report = original(folder, output, *args, **kwargs)
+    model = onnx.load(str(output))
+    weights = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in weights:
+            scale = weights[node.input[1]]
+            scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 4, scale.name))
+    onnx.save(model, str(output))
+    return report
+
+pipeline.quantize_model = corrupted
+run_cli(main)
+"""
+
+
+def _quantize_collapsed(source, out, *flags):
+    return subprocess.run([sys.executable, "-c", CORRUPTED_WEIGHT_SCALES, *_quantize_args(source, out, *flags)],
+                          capture_output=True, text=True, timeout=600)
 
 
 def _files(folder):
@@ -67,15 +103,15 @@ def test_verify_reports_exact_float_stages_and_agreement(tiny_models, tmp_path):
 
 
 def test_collapse_guard_refuses_and_writes_nothing(tiny_models, tmp_path):
-    result = _quantize(tiny_models.onnx("tiny-llama-96"), tmp_path / "q", "--collapse_ratio", "1.00001")
+    result = _quantize_collapsed(tiny_models.onnx("tiny-llama-96"), tmp_path / "q")
     assert result.returncode == 3, result.stderr[-2000:]
     assert "collapsed" in result.stderr and "--allow_degraded" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".*"))
 
 
 def test_allow_degraded_keeps_the_output(tiny_models, tmp_path):
-    result = _quantize(tiny_models.onnx("tiny-llama-96"), tmp_path / "q", "--collapse_ratio", "1.00001", "--allow_degraded")
-    assert result.returncode == 0 and "degraded=kept" in result.stdout
+    result = _quantize_collapsed(tiny_models.onnx("tiny-llama-96"), tmp_path / "q", "--allow_degraded")
+    assert result.returncode == 0 and "degraded=kept" in result.stdout, result.stderr[-2000:]
     assert (tmp_path / "q" / "model.onnx").is_file()
 
 
@@ -98,11 +134,14 @@ def test_generate_compare_of_a_model_with_itself_agrees_fully(tiny_models):
 
 def test_generate_on_a_quantized_model_reports_agreement(tiny_models, tmp_path):
     source = tiny_models.onnx("tiny-llama-96")
-    assert _quantize(source, tmp_path / "q").returncode == 0
+    quantized = _quantize(source, tmp_path / "q")
+    assert quantized.returncode == 0, quantized.stderr[-2000:]
     result = run_module("onnxquant.cli.generate", "--model_name_or_path", str(source), "--compare", str(tmp_path / "q"),
                         "--max_new_tokens", "16", "--no_chat_template", "--prompt", "The history of")
-    share = float(result.stdout.strip().splitlines()[-1].split("agreement=")[1].split()[0])
-    assert 0.5 <= share <= 1.0
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    # INT8 ranks first at least 12 of the float model's 16 greedy tokens (measured 14; an unrelated tiny model, 0).
+    assert "tokens=16 " in last and float(last.split("agreement=")[1].split()[0]) >= 0.75, last
 
 
 def test_generate_rejects_an_empty_prompt(tiny_models):

@@ -151,8 +151,6 @@ def test_fold_norm_refuses_a_reader_that_does_not_read_the_norm():
         FoldNormIntoReadersPass([wrong])(model)
 
 
-@pytest.mark.xfail(strict=True, reason="FoldNormIntoReadersPass sets a shared gain initializer to 1 while folding the first "
-                   "norm, so the second norm that reads it finds g == 1 and its readers never get diag(g)")
 def test_fold_norm_keeps_outputs_when_two_norms_share_one_gain_initializer():
     # What DeduplicateInitializersPass (run by onnxscript's optimizer) makes of two byte-equal gains.
     model = decoder()
@@ -235,8 +233,6 @@ def test_r1_with_group_size_puts_hadamard_groups_into_q_and_marks_the_readers():
     assert json.loads(model.metadata_props[ROTATION_METADATA_KEY])["hadamard_groups"] == 8
 
 
-@pytest.mark.xfail(strict=True, reason="RotateR1Pass deduplicates readers by node name, not by weight: a weight initializer "
-                   "read by two reader MatMuls gets Qᵀ applied twice")
 def test_r1_keeps_outputs_when_two_readers_share_one_weight_initializer():
     model = decoder(unit_gains=True)
     node(model, UP).replace_input_with(1, model.graph.initializers["w_gate"])

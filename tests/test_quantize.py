@@ -266,18 +266,19 @@ def test_existing_output_needs_overwrite(tiny_input, tmp_path, calib_text_path):
 def test_exclude_that_matches_nothing(tiny_input, tmp_path, calib_text_path):
     result = _quantize("--input_model_path", tiny_input, "--output_model_path", str(tmp_path / "o"),
                        "--calib_data", str(calib_text_path), "--exclude", "no_such_node")
-    assert_user_error(result, "'no_such_node' matches no node")
+    assert_user_error(result, "'no_such_node' (quantize.overrides[].match, --exclude, --int8_nodes) matches no node")
 
 
 @pytest.mark.parametrize("scheme", ["INT8_PER_CHANNEL", "INT8_TRANSFORMER_DEFAULT"])
 def test_pair_safe_weight_grid_keeps_adjacent_pairs_within_128(scheme):
     """The uint8-activation schemes' grids: no two adjacent input rows of a column sum past 128 in
-    |int8|, so ORT's u8 x s8 AVX2 kernel (int16 pair sums) cannot saturate; the searched bound loses
-    less than bounding by the largest pair does."""
-    from onnxquant.spec import round_to_nearest
+    |int8|, so ORT's u8 x s8 AVX2 kernel (int16 pair sums) cannot saturate. On a tall weight, where
+    clamping matters, the searched bound loses strictly less than both ends of its search (per column
+    for a per-channel grid): the largest pair (nothing clamped, coarse) and max |w| (fine, pairs clamped)."""
+    from onnxquant.spec import clamp_pairs, round_to_nearest
 
     rng = np.random.default_rng(1)
-    weight = rng.standard_normal((64, 8)).astype(np.float32)
+    weight = rng.standard_normal((8192, 4)).astype(np.float32)
     weight[10:12, 3] = [5.0, -4.9]  # a large adjacent pair in column 3
     spec = SCHEMES[scheme].weights
     assert spec.pair_safe
@@ -285,10 +286,17 @@ def test_pair_safe_weight_grid_keeps_adjacent_pairs_within_128(scheme):
     q = rounded.codes.astype(np.int32)
     assert (np.abs(q[0::2]) + np.abs(q[1::2])).max() <= 128
     axis = (0,) if spec.granularity == "per_channel" else None
-    pair_bound = np.maximum(np.abs(weight).max(axis=axis), (np.abs(weight[0::2]) + np.abs(weight[1::2])).max(axis=axis))
-    scale, zero = quant_params(-pair_bound, pair_bound, spec)
-    by_pair_bound = (quantize_array(weight, scale, zero, spec).astype(np.float32) - zero) * scale
-    assert ((rounded.dequantize() - weight) ** 2).sum() <= ((by_pair_bound - weight) ** 2).sum()
+
+    def error(bound):  # of the pair-safe grid with this symmetric bound
+        scale, zero = quant_params(-bound, bound, spec)
+        codes = quantize_array(weight, scale, zero, spec)
+        clamp_pairs(codes)
+        return ((codes.astype(np.float32) * scale - weight) ** 2).sum(axis=axis)
+
+    searched = ((rounded.dequantize() - weight) ** 2).sum(axis=axis)
+    largest = np.abs(weight).max(axis=axis)
+    pair_bound = np.maximum(largest, (np.abs(weight[0::2]) + np.abs(weight[1::2])).max(axis=axis))
+    assert np.all(searched < error(pair_bound)) and np.all(searched < error(largest))
 
 
 def test_pair_safe_per_tensor_search_beats_the_largest_pair_bound():

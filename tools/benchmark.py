@@ -65,6 +65,13 @@ class Recipe:
             return "float"
         if self.peer is not None:
             return "peers (ORT, ORT-GenAI builder)"
+        if self.flags[:1] == ("--recipe",):
+            from onnxquant.recipes import Quantize, load_recipe
+
+            scheme = load_recipe(self.flags[1]).stage(Quantize).resolved_scheme()
+            if scheme.weights.is_float:
+                return "onnxquant FP8 / microscaling"
+            return "onnxquant W4A16" if scheme.weights.granularity == "per_block" else "onnxquant W8A8"
         if any(flag.startswith(("FP8", "MXFP", "NVFP")) for flag in self.flags):
             return "onnxquant FP8 / microscaling"
         return "onnxquant W4A16" if "--block_size" in self.flags else "onnxquant W8A8"
@@ -91,8 +98,15 @@ _W4_RECIPES = [
         ("_gptq", "UINT4_PER_GROUP_ASYM + GPTQ", "UINT4_PER_GROUP_ASYM", ("--algo", "gptq")),
         ("_gptq_8bit_ends", "UINT4_PER_GROUP_ASYM + GPTQ, lm_head and embedding at 8 bits",
          "UINT4_PER_GROUP_ASYM", ("--algo", "gptq", "--int8_nodes", "lm_head", "--int8_nodes", "embed_tokens")))]
+def _builtin_recipes() -> list["Recipe"]:
+    from onnxquant.recipes import builtin_recipes
+
+    return [Recipe(b.name, f"built-in recipe: {b.recipe.description}", ("--recipe", b.name)) for b in builtin_recipes()]
+
+
 RECIPES = {r.name: r for r in (
     Recipe("float", "the exported float32 model", None),
+    *_builtin_recipes(),
     Recipe("int8", "INT8_TRANSFORMER_DEFAULT, moving-average MinMax", _q("INT8_TRANSFORMER_DEFAULT")),
     Recipe("int8+r1", "INT8_TRANSFORMER_DEFAULT + QuaRot R1 rotation", _q("INT8_TRANSFORMER_DEFAULT", R1)),
     Recipe("int8+sq", "INT8_TRANSFORMER_DEFAULT + SmoothQuant", _q("INT8_TRANSFORMER_DEFAULT", SQ)),
@@ -346,7 +360,7 @@ def text_name(path: Path | None, split: str) -> str:
 
 
 def perplexity(folder_path: Path, args, blocks: int, log: Path) -> float:
-    _, _, stdout = run_child(["-m", "onnxquant.validate", "--model_name_or_path", str(folder_path),
+    _, _, stdout = run_child(["-m", "onnxquant.cli.validate", "--model_name_or_path", str(folder_path),
                               "--block_size", str(args.block_size), "--max_blocks", str(blocks),
                               *text_flag("--dataset_path", args.eval_data)], log)
     match = re.search(r"perplexity=([0-9.eE+-]+|inf|nan)", stdout)
@@ -394,7 +408,7 @@ class Bench:
                        "--output", str(out), "--num_calib_data", str(self.args.num_calib_data), "--seq_len", str(self.args.seq_len),
                        *text_flag("--calib_data", self.args.calib_data), *flags]
         else:
-            command = ["-m", "onnxquant.quantize", "--input_model_path", str(self.float_folder.model_file),
+            command = ["-m", "onnxquant.cli.quantize", "--input_model_path", str(self.float_folder.model_file),
                        "--output_model_path", str(out / "model.onnx"), "--num_calib_data", str(self.args.num_calib_data),
                        "--seq_len", str(self.args.seq_len), *text_flag("--calib_data", self.args.calib_data), "--overwrite", *flags]
         try:
@@ -418,7 +432,7 @@ def speed_note(rows: list[Row]) -> str:
 def export_default(workdir: Path) -> Path:
     target = workdir / "float"
     if not (target / "genai_config.json").is_file():
-        seconds, rss, _ = run_child(["-m", "onnxquant.export", "--output_path", str(target), "--overwrite"],
+        seconds, rss, _ = run_child(["-m", "onnxquant.cli.export", "--output_path", str(target), "--overwrite"],
                                     workdir / "export.log")
         print(f"exported the embedded SmolLM2-135M in {seconds:.1f} s (peak RSS {rss:.0f} MB)", flush=True)
     return target

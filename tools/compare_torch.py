@@ -18,7 +18,7 @@ from onnxquant.checkpoint import resolve_model_source
 from onnxquant.data import read_text_file
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.torch_reference import load_torch_model, torch_block_nll
-from onnxquant.validate import eval_windows, evaluate_perplexity
+from onnxquant.evaluation import eval_windows, evaluate_perplexity
 
 
 def main() -> None:

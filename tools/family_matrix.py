@@ -22,7 +22,7 @@ import numpy as np
 
 from onnxquant.checkpoint import resolve_model_source
 from onnxquant.errors import UserError
-from onnxquant.export import export_model
+from onnxquant.exporter import export_model
 from onnxquant.optimum_export import optimum_python
 from onnxquant.genai_folder import open_genai_folder
 from onnxquant.resources import model_recipe_dir
@@ -47,7 +47,7 @@ def export_error(hf_dir: Path, onnx_dir: Path) -> float:
 
 def quantize(source: Path, out: Path, *flags: str) -> str:
     """One cell: the verify figures of a run, or the first line of its refusal."""
-    command = [sys.executable, "-m", "onnxquant.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
+    command = [sys.executable, "-m", "onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(out),
                "--num_calib_data", "8", "--seq_len", "128", "--overwrite", *flags]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:

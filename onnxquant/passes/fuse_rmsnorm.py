@@ -29,9 +29,10 @@ class FoldNormIntoReadersPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        for pair in self.pairs:
+        # Every gain is read before any is reset: norms may share one gain initializer.
+        gains = [initializer_array(norm_weight(pair.norm_node)).astype(np.float64) for pair in self.pairs]
+        for pair, gain in zip(self.pairs, gains):
             weight = norm_weight(pair.norm_node)
-            gain = initializer_array(weight).astype(np.float64)
             if np.all(gain == 1.0):
                 continue
             for reader in pair.next_nodes:

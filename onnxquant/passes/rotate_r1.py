@@ -47,10 +47,14 @@ class RotateR1Pass(ir.passes.InPlacePass):
                 done.add(table.name)
             return
         weight = constant_weight(node)
+        if weight.name in done:
+            return
         transform_initializer(weight, lambda w: w.astype(np.float64) @ q, blocks_along=0)
+        done.add(weight.name)
         bias = matmul_bias(node)
-        if bias is not None:
+        if bias is not None and bias[1].name not in done:
             transform_initializer(bias[1], lambda b: b.astype(np.float64) @ q)
+            done.add(bias[1].name)
 
     def requires(self, model: ir.Model) -> None:
         if ROTATION_METADATA_KEY in model.metadata_props:
@@ -69,18 +73,17 @@ class RotateR1Pass(ir.passes.InPlacePass):
         q = self.q
         writers_done: set[str] = set()
         readers_done: set[str] = set()
+        # Done-sets hold the rotated tensors' names: one initializer read by two nodes is rotated once.
         for pair in self.pairs:
             for writer in pair.prev_nodes:
-                if writer.name not in writers_done:
-                    self._rotate_writer(writer, writers_done)
-                    writers_done.add(writer.name)
+                self._rotate_writer(writer, writers_done)
             for reader in pair.next_nodes:
-                if reader.name in readers_done:
-                    continue
                 weight = constant_weight(reader)
-                transform_initializer(weight, lambda w: q.T @ w.astype(np.float64), blocks_along=1)
                 if self.group_size is not None:
                     reader.metadata_props[GROUPS_IN_R1_KEY] = str(self.group_size)
-                readers_done.add(reader.name)
+                if weight.name in readers_done:
+                    continue
+                transform_initializer(weight, lambda w: q.T @ w.astype(np.float64), blocks_along=1)
+                readers_done.add(weight.name)
         model.metadata_props[ROTATION_METADATA_KEY] = json.dumps(self.description)
         return ir.passes.PassResult(model, modified=True)
