@@ -8,9 +8,9 @@
 
 __version__ = "0.2.0.dev0"
 
-from onnxquant.api import QuantizeResult, evaluate, export, generate, quantize  # noqa: E402
+from onnxquant.api import QuantizeResult, compare, evaluate, export, generate, quantize  # noqa: E402
 from onnxquant.errors import UserError  # noqa: E402
 from onnxquant.recipes import Recipe, RecipeError, builtin_recipes, load_recipe  # noqa: E402
 
-__all__ = ["QuantizeResult", "Recipe", "RecipeError", "UserError", "__version__", "builtin_recipes", "evaluate",
+__all__ = ["QuantizeResult", "Recipe", "RecipeError", "UserError", "__version__", "builtin_recipes", "compare", "evaluate",
            "export", "generate", "load_recipe", "quantize"]

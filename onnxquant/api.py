@@ -52,6 +52,14 @@ class QuantizeResult:
     report: "QuantizeReport"  # per-stage details (nodes quantized, alphas chosen, calibration passes)
     summary_line: str  # the one-line summary the CLI prints
 
+    def to_dict(self) -> dict:
+        """Plain data (JSON-ready): paths as text, the recipe in its file form."""
+        quality = None if self.quality is None else {**dataclasses.asdict(self.quality), "ratio": self.quality.ratio}
+        return {"output": str(self.output), "recipe": self.recipe.to_dict(), "size_mb": self.size_mb,
+                "standard_size_mb": self.standard_size_mb, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
+                "phase_seconds": self.phase_seconds, "quality": quality, "exact_errors": self.exact_errors,
+                "summary_line": self.summary_line}
+
     @property
     def degraded(self) -> bool:
         """True when the collapse guard fired and verify.allow_degraded kept the result."""
@@ -259,6 +267,38 @@ def evaluate(model: str | Path, *, text: str | Path | None = None, block_size: i
     return result
 
 
+def compare(model: str | Path, reference: str | Path, *, text: str | Path | None = None, block_size: int = 2048,
+            max_blocks: int | None = None, backend: str = "genai", progress: bool = True):
+    """`model` against `reference` (its float model) on the same windows: both perplexities, the KL divergence
+    of the token distributions (mean, median, 99th percentile, maximum), top-1 agreement and the mean change
+    in the probability of the correct token; returns `ComparisonResult`.
+
+    >>> compare("runs/smollm2-w8a8", "runs/smollm2-fp32", max_blocks=4).kl_mean  # doctest: +SKIP
+    0.0068...
+    """
+    from onnxquant.data import resolve_text
+    from onnxquant.evaluation import BACKENDS, compare_models, eval_windows
+    from onnxquant.genai_folder import open_genai_folder
+
+    if block_size < 2:
+        fail(f"--block_size must be at least 2, got {block_size}")
+    if max_blocks is not None and max_blocks < 1:
+        fail(f"--max_blocks must be at least 1, got {max_blocks}")
+    if backend not in BACKENDS:
+        fail(f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}")
+    folder, ref = open_genai_folder(model), open_genai_folder(reference)
+    if folder.vocab_size != ref.vocab_size:
+        fail(f"{folder.path} and {ref.path} have different vocabularies ({folder.vocab_size} and {ref.vocab_size} "
+             "tokens); compare a quantized model with the float model it was made from")
+    for f in (folder, ref):
+        f.check_fits_context(block_size, "--block_size")
+    windows = eval_windows(folder, resolve_text(text, None, "test"), block_size, max_blocks)
+    result = compare_models(folder, ref, windows, backend, progress)
+    if not math.isfinite(result.perplexity) or not math.isfinite(result.kl_mean):
+        fail(f"the logits of {folder.path} are not finite: the model is broken; re-quantize it from the float export")
+    return result
+
+
 def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, chat_template: bool = True) -> str:
     """Greedy generation through ORT-GenAI: the answer to `prompt` (with the model's chat template).
 
@@ -279,5 +319,5 @@ def generate(model: str | Path, prompt: str, *, max_new_tokens: int = 64, chat_t
     return generator.generate(ids, max_new_tokens).text
 
 
-__all__ = ["QuantizeResult", "RECIPE_FILE", "Recipe", "RecipeError", "UserError", "evaluate", "export", "generate",
-           "quantize"]
+__all__ = ["QuantizeResult", "RECIPE_FILE", "Recipe", "RecipeError", "UserError", "compare", "evaluate", "export",
+           "generate", "quantize"]

@@ -100,7 +100,7 @@ def evaluate_perplexity(folder: GenAIFolder, windows: np.ndarray, backend: str =
         nlls.append(window_nll(runner.logits(window), window))
     seconds = time.perf_counter() - start
     return PerplexityResult(
-        perplexity=math.exp(float(np.mean(nlls))),
+        perplexity=exp_or_inf(float(np.mean(nlls))),
         blocks=len(windows),
         tokens=int(windows.size),
         seconds=seconds,
@@ -113,3 +113,70 @@ def eval_windows(folder: GenAIFolder, text: str, block_size: int, max_blocks: in
     available = len(ids) // block_size
     count = None if max_blocks is None or available == 0 else min(max_blocks, available)
     return cut_windows(ids, block_size, count, "evaluation text")
+
+
+def exp_or_inf(x: float) -> float:
+    """exp(x), inf where it overflows (a mean NLL above about 709 nats): a broken model, not a crash."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def token_divergence(reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray,
+                     rows: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per position: KL(P_reference || P_candidate), whether the two top-1 tokens agree, and the change in the
+    probability of the correct next token (candidate - reference); logits [seq, vocab], targets [seq]."""
+    kl, agree, delta = [], [], []
+    for start in range(0, len(targets), rows):
+        ref, cand = _log_softmax(reference[start:start + rows]), _log_softmax(candidate[start:start + rows])
+        p = np.exp(ref)
+        kl.append(np.maximum((p * (ref - cand)).sum(axis=-1), 0.0))
+        agree.append(ref.argmax(axis=-1) == cand.argmax(axis=-1))
+        picked = np.arange(len(ref)), targets[start:start + rows]
+        delta.append(np.exp(cand[picked]) - np.exp(ref[picked]))
+    return np.concatenate(kl), np.concatenate(agree), np.concatenate(delta)
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    """A quantized model against its float model on the same windows, in the statistics llama.cpp's
+    `perplexity --kl-divergence` made standard for judging quantized models."""
+
+    perplexity: float
+    reference_perplexity: float
+    kl_mean: float
+    kl_median: float
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float
+    delta_p_mean: float  # mean change in the probability of the correct token
+    tokens: int
+
+    def summary(self) -> str:
+        return (f"perplexity={self.perplexity:.4f} reference_perplexity={self.reference_perplexity:.4f} "
+                f"kl_mean={self.kl_mean:.5f} kl_median={self.kl_median:.5f} kl_p99={self.kl_p99:.4f} "
+                f"kl_max={self.kl_max:.4f} top1_agreement={self.top1_agreement:.4f} "
+                f"delta_p_mean={self.delta_p_mean:+.5f} tokens={self.tokens}")
+
+
+def compare_models(candidate: GenAIFolder, reference: GenAIFolder, windows: np.ndarray, backend: str = "genai",
+                   progress: bool = True) -> ComparisonResult:
+    """Run both models over `windows` (one window at a time, so two windows of logits are in memory)."""
+    runners = BACKENDS[backend](candidate), BACKENDS[backend](reference)
+    kl, agree, delta, nll, ref_nll = [], [], [], [], []
+    for window in tqdm(windows, desc="compare", unit="block", disable=not progress):
+        cand_logits, ref_logits = runners[0].logits(window), runners[1].logits(window)
+        nll.append(window_nll(cand_logits, window))
+        ref_nll.append(window_nll(ref_logits, window))
+        k, a, d = token_divergence(ref_logits[:-1], cand_logits[:-1], window[1:])
+        kl.append(k), agree.append(a), delta.append(d)
+    kl, agree, delta = np.concatenate(kl), np.concatenate(agree), np.concatenate(delta)
+    return ComparisonResult(exp_or_inf(float(np.mean(nll))), exp_or_inf(float(np.mean(ref_nll))), float(kl.mean()),
+                            float(np.median(kl)), float(np.percentile(kl, 99)), float(kl.max()), float(agree.mean()),
+                            float(delta.mean()), int(kl.size))

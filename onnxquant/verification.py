@@ -23,7 +23,7 @@ from onnxquant.calibration import graph_input_specs
 from onnxquant.genai_folder import GenAIFolder
 from onnxquant.runtime import prefill_feeds, session_options
 from onnxquant.segments import DEFAULT_SEGMENT_MB, SegmentedModel
-from onnxquant.evaluation import OrtBackend, window_nll
+from onnxquant.evaluation import OrtBackend, exp_or_inf, window_nll
 
 # Float32 rotations and smoothing measured 3e-6 (R1) to 2e-5 (R1 + SmoothQuant) on SmolLM2; an
 # inexact pass (a wrong pair, a missed reader) moves logits by whole units.
@@ -49,7 +49,7 @@ class Probe:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(float(np.mean(self.nll)))
+        return exp_or_inf(float(np.mean(self.nll)))
 
 
 def held_out_windows(ids: np.ndarray, used: int, seq_len: int, count: int) -> tuple[np.ndarray, bool]:

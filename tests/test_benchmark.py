@@ -33,7 +33,7 @@ def test_benchmark_prints_the_table_for_every_recipe(tiny_models, tmp_path, cali
 
     out = tmp_path / "results.md"
     result = subprocess.run(
-        [sys.executable, str(TOOLS / "benchmark.py"), "--model", str(tiny_models.onnx("tiny-llama-96")),
+        [sys.executable, "-m", "onnxquant.benchmark.run", "--model", str(tiny_models.onnx("tiny-llama-96")),
          "--calib_data", str(calib_text_path), "--eval_data", str(test_text_path), "--blocks", "2",
          "--block_size", "128", "--num_calib_data", "4", "--seq_len", "64", "--prefill_tokens", "64",
          "--new_tokens", "8", "--configs", "float", "int8", "int8+r1+sq", "--sweep", "int8+r1+sq",
@@ -62,8 +62,7 @@ def test_benchmark_prints_the_table_for_every_recipe(tiny_models, tmp_path, cali
 
 def test_child_peak_rss_does_not_include_the_parents(tmp_path):
     """A child of a big process reports its own peak, not the parent's RSS at fork."""
-    sys.path.insert(0, str(TOOLS))
-    from benchmark import run_child
+    from onnxquant.benchmark.run import run_child
 
     script = tmp_path / "child.py"
     script.write_text("print(sum(range(10)))\n")
@@ -98,7 +97,7 @@ def test_ort_static_peer_is_w8a8_with_onnxquants_settings(tiny_models, tmp_path,
 
     source = tiny_models.onnx("tiny-llama-96")
     calib = ["--calib_data", str(calib_text_path), "--num_calib_data", "8", "--seq_len", "128"]
-    peer = subprocess.run([sys.executable, str(TOOLS / "peers.py"), "ort_static_int8_pc", "--input", str(source),
+    peer = subprocess.run([sys.executable, "-m", "onnxquant.benchmark.peers", "ort_static_int8_pc", "--input", str(source),
                            "--output", str(tmp_path / "peer"), *calib], capture_output=True, text=True, timeout=600)
     assert peer.returncode == 0, peer.stderr[-3000:]
     ours = run_module("onnxquant.cli.quantize", "--input_model_path", str(source), "--output_model_path", str(tmp_path / "ours"),
@@ -118,8 +117,7 @@ def test_ort_static_peer_is_w8a8_with_onnxquants_settings(tiny_models, tmp_path,
 
 
 def test_speed_note_skips_a_crashed_recipe():
-    sys.path.insert(0, str(TOOLS))
-    from benchmark import Row, speed_note
+    from onnxquant.benchmark.run import Row, speed_note
 
     rows = [Row("float", 20.0, extra={"decode_spread": (40.0, 45.0)}), Row("broken", float("nan"), extra={"crashed": True})]
     note = speed_note(rows)

@@ -14,15 +14,13 @@ import argparse
 import collections
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import isa_flags  # noqa: E402
+from onnxquant.benchmark.run import isa_flags  # noqa: E402
 
 from onnxquant.errors import run_cli  # noqa: E402
 from onnxquant.genai_folder import GenAIFolder, open_genai_folder  # noqa: E402

@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "validate": ("onnxquant.cli.validate", "wikitext-2 perplexity of an ORT-GenAI folder"),
     "generate": ("onnxquant.cli.generate", "greedy generation with the chat template; --compare against another folder"),
     "recipes": ("onnxquant.cli.recipes", "the built-in recipes with their measured figures"),
-    "benchmark": ("onnxquant.tools.benchmark", "every recipe and the ORT peers side by side: perplexity, size, speed"),
+    "benchmark": ("onnxquant.benchmark.run", "recipes and the peers side by side in one run: perplexity, size, speed"),
 }
 
 

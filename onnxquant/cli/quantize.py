@@ -4,7 +4,9 @@ Quark-style flags below, which onnxquant.cli.quark_flags maps onto a recipe)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from onnxquant.cli import HelpFormatter
 from onnxquant.cli.quark_flags import add_flags, given_flags, recipe_from_flags
@@ -18,6 +20,8 @@ def build_parser(prog: str = "onnxquant quantize") -> argparse.ArgumentParser:
     parser.add_argument("output", nargs="?", default=None, help="a new folder for the result (or --output_model_path)")
     parser.add_argument("--input_model_path", default=None, help="model.onnx of an ORT-GenAI folder (or the folder)")
     parser.add_argument("--output_model_path", default=None, help="model.onnx in a new folder (or the folder)")
+    parser.add_argument("--result_json", default=None, metavar="FILE",
+                        help="also write the result (sizes, times, peak RSS, quality, the recipe) to FILE as JSON")
     add_flags(parser)
     return parser
 
@@ -47,6 +51,8 @@ def main(argv: list[str] | None = None, prog: str = "onnxquant quantize") -> int
         print("verify: " + " ".join(part for part in parts if part), flush=True)
     print(phase_summary(result.phase_seconds), flush=True)
     print(result.summary_line)
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
     return 0
 
 

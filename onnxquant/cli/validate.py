@@ -26,11 +26,15 @@ def build_parser(prog: str = "onnxquant validate") -> argparse.ArgumentParser:
                         help="local text file (default: the embedded WikiText-2 raw test split)")
     parser.add_argument("--backend", choices=("genai", "ort"), default="genai",
                         help="genai: ONNX Runtime GenAI (default); ort: plain onnxruntime cross-check")
+    parser.add_argument("--compare", default=None, metavar="FLOAT_DIR",
+                        help="also run this (float) model on the same windows and print the KL divergence of the token "
+                             "distributions (mean, median, p99, max), top-1 agreement and the mean change in the "
+                             "correct token's probability, as llama.cpp's perplexity --kl-divergence")
     return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "onnxquant validate") -> int:
-    from onnxquant.api import evaluate
+    from onnxquant.api import compare, evaluate
     from onnxquant.data import load_hub_text
 
     args = build_parser(prog).parse_args(argv)
@@ -39,8 +43,9 @@ def main(argv: list[str] | None = None, prog: str = "onnxquant validate") -> int
     text = args.dataset_path
     if args.dataset is not None:
         text = _hub_text_file(load_hub_text(args.dataset, "test"))
-    result = evaluate(args.model_name_or_path, text=text, block_size=args.block_size, max_blocks=args.max_blocks,
-                      backend=args.backend)
+    measure = evaluate if args.compare is None else (lambda model, **kw: compare(model, args.compare, **kw))
+    result = measure(args.model_name_or_path, text=text, block_size=args.block_size, max_blocks=args.max_blocks,
+                     backend=args.backend)
     print(result.summary())
     return 0
 

@@ -1,10 +1,10 @@
 """Peer quantizers that ship with onnxquant's own dependencies, each writing an ORT-GenAI folder so
 onnxquant's validator measures it the same way:
 
-    python tools/peers.py ort_rtn_asym|ort_rtn_sym|ort_hqq --input FLOAT_FOLDER --output OUT [--block_size 128]
-    python tools/peers.py ort_static_int8|ort_static_int8_pc --input FLOAT_FOLDER --output OUT \
+    python -m onnxquant.benchmark.peers ort_rtn_asym|ort_rtn_sym|ort_hqq --input FLOAT_FOLDER --output OUT [--block_size 128]
+    python -m onnxquant.benchmark.peers ort_static_int8|ort_static_int8_pc --input FLOAT_FOLDER --output OUT \
         [--calib_data FILE] [--num_calib_data 64] [--seq_len 512]
-    python tools/peers.py builder_int4 --gguf FILE_OR_EMPTY --output OUT [--block_size 128] [--algo default|k_quant_mixed]
+    python -m onnxquant.benchmark.peers builder_int4 --gguf FILE_OR_EMPTY --output OUT [--block_size 128] [--algo default|k_quant_mixed]
 
 ort_rtn_*, ort_hqq: onnxruntime.quantization.MatMulNBitsQuantizer on the float export (RTN asymmetric,
 RTN symmetric, HQQ), 4 bits, default accuracy level. ort_static_int8(_pc): onnxruntime.quantization's

@@ -3,13 +3,14 @@
     onnxquant benchmark [--model FOLDER] [--calib_data FILE] [--eval_data FILE] [--blocks 16] [--configs NAME ...] \
         [--sweep NAME ...] [--sq_alphas 0.3 0.4 0.5 0.6 0.7 0.8] [--out results.md] [--plot results.png]
 
-(also `python tools/benchmark.py`). Without --model the embedded SmolLM2-135M is exported first (into
---workdir); without --calib_data / --eval_data the embedded WikiText-2 splits are used. For every recipe it runs
-`python -m onnxquant.quantize` and `python -m onnxquant.validate` as child processes and measures:
+(also `python -m onnxquant.benchmark.run`). Without --model the embedded SmolLM2-135M is exported first (into
+--workdir); without --calib_data / --eval_data the embedded WikiText-2 splits are used. Each recipe is quantized
+in a child process of its own (`onnxquant quantize --result_json`, so that its peak RSS is its own), which hands
+its result back as JSON; perplexity and speed are measured here through the API. It reports:
 
 - ppl: validate perplexity over the first --blocks blocks x --block_size of the eval text (ORT-GenAI);
 - delta_pct: change against the float model's perplexity in the same run;
-- quant_s: wall seconds of the quantize child; peak_rss_mb: its peak resident set (VmHWM, via tools/peak_rss.py);
+- quant_s: wall seconds of the quantize child; peak_rss_mb: its peak resident set (via onnxquant.benchmark.peak_rss);
 - quant_vs_floor: quant_s / the calibration floor, the seconds of one plain ORT forward pass of the
   float model over the same calibration tokens (session creation excluded), measured first;
 - size_mb: model.onnx + external data on disk;
@@ -30,7 +31,7 @@ import argparse
 import dataclasses
 import json
 import platform
-import re
+
 import statistics
 import subprocess
 import sys
@@ -57,7 +58,7 @@ class Recipe:
     name: str
     meaning: str
     flags: tuple[str, ...] | None  # None: the float model itself
-    peer: str | None = None  # tools/peers.py quantizer run instead of onnxquant.quantize (flags are its options)
+    peer: str | None = None  # onnxquant.benchmark.peers quantizer run instead of onnxquant's (flags are its options)
 
     @property
     def series(self) -> str:
@@ -260,8 +261,8 @@ PEAK_RSS_LAUNCHER = Path(__file__).resolve().parent / "peak_rss.py"
 def run_child(args: list[str], log: Path) -> tuple[float, float, str]:
     """Run `python args...`; return (wall seconds, peak RSS MB of that child, its stdout).
 
-    The child runs under tools/peak_rss.py, which reports its true peak (os.wait4's ru_maxrss would
-    include this process's RSS at fork)."""
+    The child runs under onnxquant/benchmark/peak_rss.py, which reports its true peak (os.wait4's ru_maxrss
+    would include this process's RSS at fork)."""
     report = log.with_suffix(".peak_rss")
     report.unlink(missing_ok=True)
     start = time.perf_counter()
@@ -359,14 +360,11 @@ def text_name(path: Path | None, split: str) -> str:
     return path.name if path is not None else f"{EMBEDDED_SPLITS[split]} (embedded)"
 
 
-def perplexity(folder_path: Path, args, blocks: int, log: Path) -> float:
-    _, _, stdout = run_child(["-m", "onnxquant.cli.validate", "--model_name_or_path", str(folder_path),
-                              "--block_size", str(args.block_size), "--max_blocks", str(blocks),
-                              *text_flag("--dataset_path", args.eval_data)], log)
-    match = re.search(r"perplexity=([0-9.eE+-]+|inf|nan)", stdout)
-    if match is None:
-        sys.exit(f"error: validate printed no perplexity for {folder_path}; see {log}")
-    return float(match.group(1))
+def perplexity(folder_path: Path, args, blocks: int) -> float:
+    from onnxquant.api import evaluate
+
+    return evaluate(folder_path, text=args.eval_data, block_size=args.block_size, max_blocks=blocks,
+                    progress=False).perplexity
 
 
 class Bench:
@@ -394,7 +392,7 @@ class Bench:
                        self.prefill_ids, self.prompt, self.args.new_tokens)
 
     def measure_float(self, blocks: int) -> Row:
-        ppl = perplexity(self.float_folder.path, self.args, blocks, self.args.workdir / "float.validate.log")
+        ppl = perplexity(self.float_folder.path, self.args, blocks)
         self.float_ppl = ppl
         return self.keep(self.float_folder, Row("float", ppl))
 
@@ -404,21 +402,23 @@ class Bench:
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)
-            command = [str(Path(__file__).resolve().parent / "peers.py"), peer, "--input", str(self.float_folder.path),
+            command = ["-m", "onnxquant.benchmark.peers", peer, "--input", str(self.float_folder.path),
                        "--output", str(out), "--num_calib_data", str(self.args.num_calib_data), "--seq_len", str(self.args.seq_len),
                        *text_flag("--calib_data", self.args.calib_data), *flags]
         else:
             command = ["-m", "onnxquant.cli.quantize", "--input_model_path", str(self.float_folder.model_file),
                        "--output_model_path", str(out / "model.onnx"), "--num_calib_data", str(self.args.num_calib_data),
-                       "--seq_len", str(self.args.seq_len), *text_flag("--calib_data", self.args.calib_data), "--overwrite", *flags]
+                       "--seq_len", str(self.args.seq_len), *text_flag("--calib_data", self.args.calib_data), "--overwrite",
+                       "--result_json", str(out.with_suffix(".result.json")), *flags]
         try:
             quant_s, rss_mb, stdout = run_child(command, self.args.workdir / f"{out.name}.quantize.log")
         except ChildFailed as exc:
             return Row(label, float("nan"), float("nan"), extra={"summary": f"crashed: {exc}", "crashed": True})
         folder = open_genai_folder(out)
-        ppl = perplexity(out, self.args, blocks, self.args.workdir / f"{out.name}.validate.log")
+        ppl = perplexity(out, self.args, blocks)
         row = Row(label, ppl, 100 * (ppl / self.float_ppl - 1), quant_s, quant_s / self.floor_s, rss_mb)
-        row.extra["summary"] = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+        result_file = out.with_suffix(".result.json")
+        row.extra["summary"] = json.loads(result_file.read_text())["summary_line"] if result_file.is_file() else ""
         return self.keep(folder, row)
 
 
@@ -516,7 +516,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def build_parser(prog: str = "python tools/benchmark.py") -> argparse.ArgumentParser:
+def build_parser(prog: str = "onnxquant benchmark") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="float ORT-GenAI folder (default: export the embedded SmolLM2)")
     parser.add_argument("--calib_data", type=Path, default=None, help="calibration text (default: embedded wiki.valid.tokens)")
@@ -539,7 +539,7 @@ def build_parser(prog: str = "python tools/benchmark.py") -> argparse.ArgumentPa
     return parser
 
 
-def main(argv: list[str] | None = None, prog: str = "python tools/benchmark.py") -> None:
+def main(argv: list[str] | None = None, prog: str = "onnxquant benchmark") -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(prog).parse_args(argv)
     for name in args.sweep:
