@@ -499,11 +499,16 @@ def isa_flags() -> str:
 
 
 def git_commit() -> str:
+    """The short commit, with "+uncommitted changes" when the package's tracked files differ from it."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], capture_output=True,
+                               text=True, cwd=here.parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return commit + (" +uncommitted changes" if dirty else "")
 
 
 def cpu_name() -> str:
@@ -551,6 +556,7 @@ def main(argv: list[str] | None = None, prog: str = "onnxquant benchmark") -> No
             fail(f"{path} does not exist; pass the wikitext-2 files, e.g. ../shared/data/wikitext-2/")
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    commit = git_commit()  # the code that is measured: read before the run, whatever is committed during it
     float_folder = open_genai_folder(args.model or export_default(args.workdir))
     bench = Bench(args, float_folder)
 
@@ -585,7 +591,7 @@ def main(argv: list[str] | None = None, prog: str = "onnxquant benchmark") -> No
     machine = f"{usable_cores()} CPU cores ({cpu_name()}; ISA: {isa_flags()}), {platform.system()} {platform.machine()}"
     command = " ".join([prog, *argv])
     heading = (f"Model: {float_folder.path} ({float_folder.config['model']['type']}, hidden {float_folder.hidden_size}, "
-               f"{float_folder.num_layers} layers). Machine: {machine}. Commit: {git_commit()}.\n"
+               f"{float_folder.num_layers} layers). Machine: {machine}. Commit: {commit}.\n"
                f"Calibration: {args.num_calib_data} x {args.seq_len} tokens of {text_name(args.calib_data, 'validation')}; "
                f"calibration floor {bench.floor_s:.1f} s. Evaluation: first {args.blocks} blocks x {args.block_size} "
                f"of {text_name(args.eval_data, 'test')}.\nCommand: `{command}`")
