@@ -134,17 +134,16 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
     from onnxquant.data import cut_windows, tokenize_prefix
     from onnxquant.genai_folder import copy_sidecar_files, model_bytes, standard_model_name
     from onnxquant.memory import peak_rss_mb
-    from onnxquant.pipeline import quantize_model, settings_for
+    from onnxquant.pipeline import quantize_model, scratch_copies, settings_for
     from onnxquant.staging import check_output_dir, owned_temp_dir, require_free_space, staged_output_dir
     from onnxquant.timing import PhaseTimes
     from onnxquant.verification import RunVerifier, held_out_windows
 
     settings = settings_for(recipe)
     check_output_dir(output_dir, [folder.path], overwrite)
-    # The output is at most the input's size; each float stage (rotation, smoothing, Hadamard groups) writes a scratch copy.
+    # The output is at most the input's size; each float stage may write a scratch copy of the model.
     input_bytes = model_bytes(folder.path, folder.model_file.name)
-    float_stages = sum(x is not None for x in (settings.rotation, settings.sq_alpha, settings.hadamard_group_size)) + settings.r4
-    require_free_space(output_dir, input_bytes * (1 + float_stages), f"quantizing {folder.model_file}")
+    require_free_space(output_dir, input_bytes * (1 + scratch_copies(settings)), f"quantizing {folder.model_file}")
     verify, calib = recipe.verify, recipe.calibration
     checks = verify.exact_checks or (verify.collapse_ratio > 0 and not settings.skip_quantization)
     samples, verifier, times = None, None, PhaseTimes()

@@ -1,7 +1,7 @@
-"""The quantization pipeline: an ordered recipe of stages, each a set of graph passes plus what it
+"""The quantization pipeline: the stages a recipe names, in order, each a set of graph passes plus what it
 needs from calibration, run on an ORT-GenAI folder.
 
-RECIPE = FUSE_NORMS (a plain decoder's RMSNorms into the builder's norm ops) -> ROTATE (untie, fold
+STAGES = FUSE_NORMS (a plain decoder's RMSNorms into the builder's norm ops) -> ROTATE (untie, fold
 norms, QuaRot R1) -> SMOOTH (SmoothQuant) -> R4 (online Hadamard on
 down_proj inputs) -> HADAMARD_GROUPS (block-diagonal Hadamard on each remaining quantized MatMul's
 input) -> QUANTIZE (AWQ scales, then the emitters with RTN / GPTQ rounding). Without R4 and groups,
@@ -602,7 +602,12 @@ R4 = Stage("r4", lambda s: s.r4, _prepare_r4, _build_r4, checkpoint=True)
 HADAMARD_GROUPS = Stage("hadamard_groups", lambda s: s.hadamard_group_size is not None, _prepare_hadamard_groups,
                         _build_hadamard_groups, checkpoint=True)
 QUANTIZE = Stage("quantize", lambda s: not s.skip_quantization, _prepare_quantization, _build_quantization, checkpoint=False)
-RECIPE = (FUSE_NORMS, ROTATE, SMOOTH, R4, HADAMARD_GROUPS, QUANTIZE)
+STAGES = (FUSE_NORMS, ROTATE, SMOOTH, R4, HADAMARD_GROUPS, QUANTIZE)
+
+
+def scratch_copies(settings: QuantizeSettings) -> int:
+    """How many whole-model scratch copies a run may write at most: one per float stage that applies."""
+    return sum(1 for stage in STAGES if stage.checkpoint and stage.applies(settings))
 
 
 def _user_error_in(exc: BaseException) -> UserError | None:
@@ -632,7 +637,7 @@ def save_model(model: ir.Model, path: Path) -> None:
 
 
 def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSettings, samples: np.ndarray | None,
-                   scratch: Path, recipe: tuple[Stage, ...] = RECIPE,
+                   scratch: Path, recipe: tuple[Stage, ...] = STAGES,
                    after_checkpoint: Callable[[str, Path], None] | None = None,
                    times: PhaseTimes | None = None) -> QuantizeReport:
     """Run the recipe's stages on `folder`'s model and write the result to `output_model`.
