@@ -130,3 +130,16 @@ def test_generation_length_beyond_the_context(source):
     result = run_module("onnxquant.cli.generate", "--model_name_or_path", str(source), "--no_chat_template",
                         "--max_new_tokens", str(_context(source)))
     assert_user_error(result, "the prompt plus --max_new_tokens", f"context of {_context(source)} tokens")
+
+
+def test_generate_compare_refuses_models_of_different_vocabularies(source, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    config = json.loads((other / "genai_config.json").read_text())
+    config["model"]["vocab_size"] += 1
+    (other / "genai_config.json").write_text(json.dumps(config))
+    result = run_module("onnxquant.cli.generate", "--model_name_or_path", str(source), "--compare", str(other),
+                        "--no_chat_template", "--max_new_tokens", "4")
+    assert_user_error(result, "different vocabularies")

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None, prog: str = "onnxquant generate") -> int
     folders = [open_genai_folder(args.model_name_or_path)]
     if args.compare is not None:
         folders.append(open_genai_folder(args.compare))
+        if folders[0].vocab_size != folders[1].vocab_size:
+            fail(f"{folders[0].path} and {folders[1].path} have different vocabularies ({folders[0].vocab_size} and "
+                 f"{folders[1].vocab_size} tokens), so their tokens cannot be compared; compare two versions of one model")
     models = [GreedyGenerator(folder) for folder in folders]
     prompt_ids = models[0].prompt_ids(args.prompt, not args.no_chat_template)
     for folder in folders:
