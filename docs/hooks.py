@@ -64,7 +64,8 @@ def recipe_page(builtin, results: Path) -> str:
     if m:
         delta = 100 * (m["perplexity"] / m["float"] - 1)
         lines.append(f"**Recorded figure** ({m['model']}, first {m['blocks']} blocks × 2048 of wiki.test.raw): "
-                     f"perplexity {m['perplexity']} against float {m['float']} ({delta:+.2f}%), {m['size_mb']} MB.\n")
+                     f"perplexity {m['perplexity']} against float {m['float']} ({delta:+.2f}%), {m['size_mb']} MB"
+                     + (f"; from {m['source']}" if m.get("source") else "") + ".\n")
     rows = _result_rows(results, builtin.name)
     lines.append("## In the benchmark reports\n")
     lines += rows or ["No report under Results has run this recipe by name yet."]

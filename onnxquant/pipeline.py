@@ -120,7 +120,7 @@ def settings_for(recipe: recipes.Recipe) -> QuantizeSettings:
     if smooth is not None:
         sq_alpha = scheme.sq_alpha if smooth.alpha == "auto" else smooth.alpha
     return QuantizeSettings(
-        scheme, rotation, sq_alpha, skip_quantization=quantize is None,
+        scheme, rotation, sq_alpha, skip_quantization=quantize is None or recipe.float_only,
         gptq=GPTQSettings(damp=algorithm.damp, act_order=algorithm.act_order),
         hadamard_group_size=None if groups is None else groups.size, r4=recipe.stage(recipes.R4) is not None,
         exclude_most_sensitive=quantize.exclude_most_sensitive if quantize is not None else 0,

@@ -16,6 +16,7 @@ ROTATABLE = {"tiny-mistral-96": True, "tiny-qwen3-96": True, "tiny-phi3-96": Tru
 FAMILIES = sorted(ROTATABLE)
 
 
+@pytest.mark.slow  # a torch comparison
 @pytest.mark.parametrize("name", FAMILIES)
 def test_export_matches_transformers(tiny_models, name):
     import torch

@@ -8,7 +8,7 @@ from onnxquant.passes.online_hadamard import _factors, kronecker_rows
 from conftest import assert_float_pass_exact, run_module
 
 
-@pytest.mark.parametrize("k", [256, 320, 1536, 8960])
+@pytest.mark.parametrize("k", [256, 320, 1536, pytest.param(8960, marks=pytest.mark.slow)])
 def test_factored_hadamard_is_the_dense_one(k):
     left, right = _factors(k)
     dense = np.kron(left, right)

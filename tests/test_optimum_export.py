@@ -24,6 +24,9 @@ from conftest import assert_float_pass_exact, assert_user_error, float_pass_run,
 
 REPO = Path(__file__).resolve().parents[1]
 
+# It makes optimum its own environment with pip (about 45 s) and exports every model twice: `pytest -m slow`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="session")
 def optimum_python() -> str:

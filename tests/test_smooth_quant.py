@@ -121,11 +121,14 @@ def test_sq_num_calib_data_chooses_the_scales_from_the_first_samples(tiny_models
 def test_one_pass_hessians_equal_a_second_calibration(tiny_models, tmp_path, calib_text_path, monkeypatch, capsys):
     """GPTQ's Hessians carried from the smoothing pass as H / (s sᵀ) equal those a second ORT pass over
     the smoothed model sums, also where an explicit Mul renames the input (gate_proj left in float)."""
-    import onnxquant.pipeline as pipeline
+    import dataclasses
+
     import onnxquant.cli.quantize as quantize
+    import onnxquant.pipeline as pipeline
+    from onnxquant.algorithms import registry
+    from onnxquant.algorithms.gptq import GPTQ, factor_hessian
 
     seen: dict[str, list[np.ndarray]] = {"one": [], "two": []}
-    factors = pipeline.factor_hessian
     # Hessians are paired by the order they are factored: the writer's order only when one thread rounds.
     monkeypatch.setattr(pipeline, "usable_cores", lambda: 1)
     flags = ["--input_model_path", str(tiny_models.onnx("tiny-llama-96")), "--calib_data", str(calib_text_path),
@@ -133,7 +136,8 @@ def test_one_pass_hessians_equal_a_second_calibration(tiny_models, tmp_path, cal
              "--include_rotation", "--include_sq", "--sq_alpha", "0.6", "--algo", "gptq", "--exclude", "gate_proj"]
     for run, budget, passes in (("one", pipeline.ONE_PASS_BUDGET_BYTES, 1), ("two", 0, 2)):
         monkeypatch.setattr(pipeline, "ONE_PASS_BUDGET_BYTES", budget)
-        monkeypatch.setattr(pipeline, "factor_hessian", lambda h, *a, run=run: seen[run].append(np.array(h)) or factors(h, *a))
+        monkeypatch.setitem(registry._REGISTRY, "gptq", dataclasses.replace(
+            GPTQ, prepare=lambda h, *a, run=run: seen[run].append(np.array(h)) or factor_hessian(h, *a)))
         assert quantize.main([*flags, "--output_model_path", str(tmp_path / run)]) == 0
         assert f"calibration_passes={passes}" in capsys.readouterr().out
     assert len(seen["one"]) == len(seen["two"]) == 9  # 2 layers x (qkv, o, up, down) + lm_head

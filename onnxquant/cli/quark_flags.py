@@ -207,8 +207,6 @@ def recipe_from_flags(args: argparse.Namespace, given: set[str]) -> Recipe:
         stages[HadamardGroups.name] = HadamardGroups(args.hadamard_group_size)
     if args.include_r4:
         stages[R4.name] = R4()
-    if args.skip_quantization:
-        del stages[Quantize.name]
     if "collapse_ratio" in given and (args.collapse_ratio < 0 or 0 < args.collapse_ratio <= 1):
         fail(f"--collapse_ratio must be above 1 (or 0 to turn the check off), got {args.collapse_ratio}")
     if "segment_mb" in given and not 0 < args.segment_mb < float("inf"):
@@ -219,5 +217,6 @@ def recipe_from_flags(args: argparse.Namespace, given: set[str]) -> Recipe:
     order = list(STAGE_TYPES)
     return dataclasses.replace(recipe, stages=tuple(sorted(stages.values(), key=lambda stage: order.index(stage.name))),
                                calibration=calibration, verify=verify,
+                               **({"float_only": True} if args.skip_quantization else {}),
                                **({"segment_mb": args.segment_mb} if "segment_mb" in given else {}))
 

@@ -330,8 +330,8 @@ class Verify:
 
 @dataclass(frozen=True)
 class Recipe:
-    """What `onnxquant.quantize` does to a model, as data. `stages` run in order; without a quantize stage
-    the float passes alone are written."""
+    """What `onnxquant.quantize` does to a model, as data. `stages` run in order; without a quantize stage, or
+    with `float_only`, the float passes alone are written."""
 
     name: str = "custom"
     description: str = ""
@@ -339,6 +339,9 @@ class Recipe:
     calibration: CalibrationData = CalibrationData()
     verify: Verify = Verify()
     segment_mb: float = DEFAULT_SEGMENT_MB  # calibration and probes run in pieces of about this much weight
+    # Write the model as the float stages leave it: the quantize stage then only says which nodes they
+    # prepare (smooth, add groups to) for it (--skip_quantization).
+    float_only: bool = False
 
     def __post_init__(self) -> None:
         names = [stage.name for stage in self.stages]
