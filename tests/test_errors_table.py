@@ -1,7 +1,5 @@
 """The README's Errors table, rows not covered elsewhere: one `error:` line, exit 2, nothing written."""
 
-import errno
-import json
 import shutil
 import signal
 import subprocess
@@ -117,7 +115,7 @@ def test_disk_filling_up_while_writing_leaves_nothing(source, tmp_path):
     code = ("import errno, onnx_ir, sys; from onnxquant import pipeline; from onnxquant.cli import quantize; from onnxquant.errors import run_cli\n"
             "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device', 'model.onnx.data')\n"
             "pipeline.ir.save = full\n"
-            f"run_cli(quantize.main, sys.argv[1:])")
+            "run_cli(quantize.main, sys.argv[1:])")
     result = subprocess.run([sys.executable, "-c", code, "--input_model_path", str(source), "--output_model_path",
                              str(tmp_path / "out"), "--num_calib_data", "4", "--seq_len", "128"], capture_output=True, text=True)
     assert_user_error(result, "disk filled up")
