@@ -97,8 +97,13 @@ class QuantizeSettings:
             self.scheme.static_activations or self.needs_hessians))
 
     @property
+    def rounds_with_hessians(self) -> bool:
+        """Some weight is rounded by an algorithm that reads its input's Hessian (GPTQ, AWQ)."""
+        return any(get_algorithm(a).needs_hessians for a in self.scheme.algos)
+
+    @property
     def needs_hessians(self) -> bool:
-        return any(get_algorithm(a).needs_hessians for a in self.scheme.algos) or self.exclude_most_sensitive > 0
+        return self.rounds_with_hessians or self.exclude_most_sensitive > 0
 
     @property
     def folds_scales(self) -> bool:
@@ -539,12 +544,11 @@ def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
             del hessians[name]
     if ctx.settings.folds_scales:
         passes.append(_awq_pass(ctx, plan, hessians))
-    rounder = _WeightRounder(plan, hessians if any(get_algorithm(a).needs_hessians for a in scheme.algos) else None,
-                             ctx.settings.gptq)
+    rounder = _WeightRounder(plan, hessians if ctx.settings.rounds_with_hessians else None, ctx.settings.gptq)
     description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}
     if ctx.report.kept_float:
         description["kept_float"] = ctx.report.kept_float
-    quantize = QuantizeGraphPass(plan, ranges, description, rounder, scheme.accuracy_level, scheme.column_scales,
+    quantize = QuantizeGraphPass(plan, ranges, description, rounder, scheme.column_scales,
                                  rounding_workers=usable_cores())
     ctx.state["quantize"] = quantize
     return passes + [quantize]

@@ -114,14 +114,6 @@ def _alpha(value: str) -> float | str:
     return alpha
 
 
-def _grids(quantize: Quantize, scheme) -> Quantize:
-    """`quantize` with `scheme`'s grids written out."""
-    return dataclasses.replace(
-        quantize, weights=Grid.of(scheme.weights),
-        activations=None if scheme.activations is None else Grid.of(scheme.activations), weight_only=scheme.activations is None,
-        embedding=None if scheme.embedding is None else Grid.of(scheme.embedding), keep_embedding_float=scheme.embedding is None)
-
-
 def recipe_from_flags(args: argparse.Namespace, given: set[str]) -> Recipe:
     """The recipe `args` mean: `--recipe` (or an empty INT8_TRANSFORMER_DEFAULT recipe) with each given flag applied."""
     recipe = load_recipe(args.recipe) if args.recipe else Recipe(stages=(Quantize(),))
@@ -144,7 +136,7 @@ def recipe_from_flags(args: argparse.Namespace, given: set[str]) -> Recipe:
         if args.block_size not in BLOCK_SIZES:
             fail(f"--block_size {args.block_size} is not a power of two in 16..256; use one of {', '.join(map(str, BLOCK_SIZES))}")
         scheme = scheme.with_block_size(args.block_size)
-        quantize = _grids(quantize, scheme)
+        quantize = quantize.with_grids_of(scheme)
     if "column_scales" in given and not has_column_scales(scheme.weights):
         per_channel = ", ".join(name for name, s in SCHEMES.items() if has_column_scales(s.weights))
         fail(f"--column_scales applies to the per-channel int8 weight schemes ({per_channel}), not {scheme.name}")
@@ -154,7 +146,7 @@ def recipe_from_flags(args: argparse.Namespace, given: set[str]) -> Recipe:
         if scheme.weights.scale_dtype != "e8m0":
             mx_schemes = ", ".join(name for name, s in SCHEMES.items() if s.weights.scale_dtype == "e8m0")
             fail(f"--mx_scale_rounding applies to the MX schemes ({mx_schemes}), not {scheme.name}")
-        quantize = _grids(quantize, scheme.with_scale_rounding(args.mx_scale_rounding))
+        quantize = quantize.with_grids_of(scheme.with_scale_rounding(args.mx_scale_rounding))
     if "moving_average_constant" in given and not 0.0 < args.moving_average_constant <= 1.0:
         fail(f"--moving_average_constant must be in (0, 1], got {args.moving_average_constant}")
     observer = quantize.observer

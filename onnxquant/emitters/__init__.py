@@ -93,7 +93,6 @@ class RoundingAhead:
 class EmitContext:
     graph: ir.Graph
     rounder: WeightRounder = nearest_rounder
-    accuracy_level: int = 0
     column_scales: str = "after_matmul"  # schemes.COLUMN_SCALE_PLACEMENTS
     ahead: RoundingAhead = field(default_factory=RoundingAhead)
 

@@ -30,14 +30,13 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, plan: QuantPlan, ranges: dict[str, tuple[float, float]], description: dict,
-                 rounder: WeightRounder = nearest_rounder, accuracy_level: int = 0,
-                 column_scales: str = "after_matmul", rounding_workers: int = 1):
+                 rounder: WeightRounder = nearest_rounder, column_scales: str = "after_matmul",
+                 rounding_workers: int = 1):
         super().__init__()
         self.plan = plan
         self.ranges = ranges
         self.description = description
         self.rounder = rounder
-        self.accuracy_level = accuracy_level
         self.column_scales = column_scales
         self.rounding_workers = rounding_workers
         self.quantized_nodes = 0
@@ -53,7 +52,7 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         by_name = nodes_by_name(graph)
-        ctx = EmitContext(graph, self.rounder, self.accuracy_level, self.column_scales, RoundingAhead(self.rounding_workers))
+        ctx = EmitContext(graph, self.rounder, self.column_scales, RoundingAhead(self.rounding_workers))
         spec = self.plan.activation_spec
         if spec is not None:
             dynamic = spec.granularity == "per_block"

@@ -270,6 +270,15 @@ class Quantize:
         except ValueError as exc:
             raise _Invalid(str(exc), "") from None
 
+    def with_grids_of(self, scheme) -> "Quantize":
+        """This stage with `scheme`'s grids written out (weight_only / keep_embedding_float where it has none)."""
+        return dataclasses.replace(
+            self, weights=Grid.of(scheme.weights),
+            activations=None if scheme.activations is None else Grid.of(scheme.activations),
+            weight_only=scheme.activations is None,
+            embedding=None if scheme.embedding is None else Grid.of(scheme.embedding),
+            keep_embedding_float=scheme.embedding is None)
+
     def observer_calibration(self):
         from onnxquant.schemes import Calibration
 
@@ -385,13 +394,7 @@ class Recipe:
             recipe = recipe.with_stage(FuseNorms())
         quantize = recipe.stage(Quantize)
         if quantize is not None:
-            scheme = quantize.resolved_scheme()
-            recipe = recipe.with_stage(dataclasses.replace(
-                quantize, weights=Grid.of(scheme.weights),
-                activations=None if scheme.activations is None else Grid.of(scheme.activations),
-                weight_only=scheme.activations is None,
-                embedding=None if scheme.embedding is None else Grid.of(scheme.embedding),
-                keep_embedding_float=scheme.embedding is None))
+            recipe = recipe.with_stage(quantize.with_grids_of(quantize.resolved_scheme()))
         return recipe
 
     # --- serialization ---
