@@ -28,6 +28,7 @@ from onnxquant.errors import UserError, fail
 from onnxquant.recipes import CalibrationData, Recipe, RecipeError, load_recipe
 
 if TYPE_CHECKING:
+    from onnxquant.mixed_precision import Budget, SearchResult
     from onnxquant.pipeline import QuantizeReport
     from onnxquant.verification import QualityReport
 
@@ -51,6 +52,7 @@ class QuantizeResult:
     exact_errors: dict[str, float]  # verify.exact_checks: each float stage's relative logit change
     report: "QuantizeReport"  # per-stage details (nodes quantized, alphas chosen, calibration passes)
     summary_line: str  # the one-line summary the CLI prints
+    search: "SearchResult | None" = None  # a budget's search (mixed precision): the points it measured
 
     def to_dict(self) -> dict:
         """Plain data (JSON-ready): paths as text, the recipe in its file form."""
@@ -58,7 +60,7 @@ class QuantizeResult:
         return {"output": str(self.output), "recipe": self.recipe.to_dict(), "size_mb": self.size_mb,
                 "standard_size_mb": self.standard_size_mb, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
                 "phase_seconds": self.phase_seconds, "quality": quality, "exact_errors": self.exact_errors,
-                "summary_line": self.summary_line}
+                "summary_line": self.summary_line, "search": None if self.search is None else self.search.to_dict()}
 
     @property
     def degraded(self) -> bool:
@@ -102,13 +104,17 @@ def _resolve_calibration(recipe: Recipe, calibration: str | Path | CalibrationDa
 
 
 def quantize(model: str | Path, output: str | Path, recipe: str | Path | Recipe = "w8a8", *,
-             calibration: str | Path | CalibrationData | None = None, overwrite: bool = False) -> QuantizeResult:
+             calibration: str | Path | CalibrationData | None = None, budget: "Budget | None" = None,
+             overwrite: bool = False) -> QuantizeResult:
     """Quantize the ORT-GenAI folder `model` into the new folder `output` by `recipe`.
 
     `recipe` is a built-in name (`onnxquant.recipes.builtin_recipes()`), a YAML or JSON file, or a
     `Recipe`; `calibration` replaces its calibration text (a file path) or its whole calibration section.
-    `output` may also name the model file (`OUT/model.onnx`). Raises `UserError` for a mistake in what was
-    asked, `CollapsedModelError` (exit code 3) when the result collapsed, and writes nothing then.
+    `output` may also name the model file (`OUT/model.onnx`). With a `budget` (onnxquant.mixed_precision.Budget:
+    max_delta or max_size_mb) each node's format is searched among the stage's candidates, measured on held-out
+    windows, and the chosen formats are saved in the recipe beside the model as overrides. Raises `UserError`
+    for a mistake in what was asked, `CollapsedModelError` (exit code 3) when the result collapsed, and writes
+    nothing then.
 
     >>> result = quantize("runs/smollm2-fp32", "runs/smollm2-w4", "w4a16")  # doctest: +SKIP
     >>> print(result.summary_line, result.quality.summary())  # doctest: +SKIP
@@ -125,11 +131,19 @@ def quantize(model: str | Path, output: str | Path, recipe: str | Path | Recipe 
     out = Path(output)
     output_dir, output_name = (out.parent, out.name) if out.suffix == ".onnx" else (out, "model.onnx")
     with claimed_output(output_dir):
-        return _quantize(folder, output_dir, output_name, recipe, recorded, overwrite)
+        return _quantize(folder, output_dir, output_name, recipe, recorded, overwrite, budget)
+
+
+def _search_for(budget, recipe: Recipe, settings, folder):
+    """The settings a budget's search runs by, after refusing what it cannot search."""
+    from onnxquant.mixed_precision import check_budget
+
+    check_budget(budget, recipe, settings, folder)
+    return dataclasses.replace(settings, searches_plan=True)
 
 
 def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, recorded_sha256: str | None,
-              overwrite: bool) -> QuantizeResult:
+              overwrite: bool, budget=None) -> QuantizeResult:
     from onnxquant import __version__
     from onnxquant.data import cut_windows, tokenize_prefix
     from onnxquant.genai_folder import copy_sidecar_files, model_bytes, standard_model_name
@@ -141,11 +155,15 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
 
     settings = settings_for(recipe)
     check_output_dir(output_dir, [folder.path], overwrite)
+    if budget is not None:
+        settings = _search_for(budget, recipe, settings, folder)
     # The output is at most the input's size; each float stage may write a scratch copy of the model.
     input_bytes = model_bytes(folder.path, folder.model_file.name)
     require_free_space(output_dir, input_bytes * (1 + scratch_copies(settings)), f"quantizing {folder.model_file}")
     verify, calib = recipe.verify, recipe.calibration
-    checks = verify.exact_checks or (verify.collapse_ratio > 0 and not settings.skip_quantization)
+    checks = verify.exact_checks or budget is not None or (verify.collapse_ratio > 0 and not settings.skip_quantization)
+    # A search measures its points on its own held-out windows; the collapse guard then reads the chosen one's.
+    windows = verify.windows if budget is None else budget.windows
     samples, verifier, times = None, None, PhaseTimes()
     text, text_name = _text_source(calib)
     sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -154,36 +172,48 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
              f"against {recorded_sha256[:12]}…), so the model would differ; pass the same text or drop produced_by")
     if settings.needs_calibration or checks:
         calibrated = calib.samples if settings.needs_calibration else 0
-        ids = tokenize_prefix(folder.path, text, (calibrated + verify.windows) * calib.seq_len)
+        ids = tokenize_prefix(folder.path, text, (calibrated + windows) * calib.seq_len)
         if settings.needs_calibration:
             samples = cut_windows(ids, calib.seq_len, calib.samples, "calibration text")
         if checks:
             with times.phase("verify_float"):
-                verifier = RunVerifier(folder, *held_out_windows(ids, calibrated, calib.seq_len, verify.windows),
+                verifier = RunVerifier(folder, *held_out_windows(ids, calibrated, calib.seq_len, windows),
                                        verify.exact_checks, settings.segment_bytes)
-    quality = None
+    quality, search = None, None
+    if budget is not None:
+        from onnxquant.mixed_precision import PlanSearch
+
+        search = PlanSearch(budget, recipe, verifier)
     with staged_output_dir(output_dir) as staging, owned_temp_dir(".onnxquant-scratch-",
                                                                   output_dir.absolute().parent) as scratch:
         report = quantize_model(folder, staging / output_name, settings, samples, scratch,
                                 after_checkpoint=verifier.after_stage if verifier and verify.exact_checks else None,
-                                times=times)
+                                times=times, plan_search=search)
         copy_sidecar_files(folder, staging, output_name)
         provenance = {"onnxquant": __version__, "input": str(folder.path.absolute()),
                       "calibration": {"text": text_name, "sha256": sha256, "samples": calib.samples,
                                       "seq_len": calib.seq_len}}
+        if search is not None:
+            recipe = search.chosen_recipe
+            provenance["mixed_precision"] = search.result.to_dict()
         import yaml
 
         (staging / RECIPE_FILE).write_text(
             yaml.safe_dump({**recipe.to_dict(), "produced_by": provenance}, sort_keys=False, width=120), encoding="utf-8")
-        if verifier is not None and not settings.skip_quantization:
+        if search is not None:
+            quality = collapse_guard(search.quality, recipe, settings)
+        elif verifier is not None and not settings.skip_quantization:
             with times.phase("verify_result"):
                 quality = collapse_guard(verifier.quality(staging / output_name), recipe, settings)
     size_mb = model_bytes(output_dir, output_name) / 1e6
     standard_mb = model_bytes(output_dir, standard_model_name(output_name)) / 1e6
     peak = peak_rss_mb()
     summary = report.summary(settings, peak, size_mb) + (f" standard_size_mb={standard_mb:.1f}" if standard_mb else "")
+    if search is not None:
+        summary += f" budget={budget.describe()} points_measured={len(search.result.points)}"
     return QuantizeResult(output_dir / output_name, recipe, size_mb, standard_mb, report.seconds, peak,
-                          dict(times.seconds), quality, dict(verifier.exact_errors) if verifier else {}, report, summary)
+                          dict(times.seconds), quality, dict(verifier.exact_errors) if verifier else {}, report, summary,
+                          None if search is None else search.result)
 
 
 def collapse_guard(quality, recipe: Recipe, settings):

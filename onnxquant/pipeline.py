@@ -90,6 +90,7 @@ class QuantizeSettings:
     sq_num_calib_data: int | None = None  # SmoothQuant's statistics from the first n samples (None: all)
     segment_bytes: int = DEFAULT_SEGMENT_MB << 20  # calibration runs in pieces of at most about this much weight
     fuse_norms: bool = False  # fuse a plain decoder's RMSNorms (always ahead of R1 and SmoothQuant)
+    searches_plan: bool = False  # a mixed-precision search (onnxquant.mixed_precision) models errors from Hessians
 
     @property
     def needs_calibration(self) -> bool:
@@ -103,7 +104,7 @@ class QuantizeSettings:
 
     @property
     def needs_hessians(self) -> bool:
-        return self.rounds_with_hessians or self.exclude_most_sensitive > 0
+        return self.rounds_with_hessians or self.exclude_most_sensitive > 0 or self.searches_plan
 
     @property
     def folds_scales(self) -> bool:
@@ -481,7 +482,9 @@ class _WeightRounder:
     them has been rounded. Thread-safe: weights are rounded on several threads (emitters.RoundingAhead);
     the first reader of an input prepares its Hessian while the others wait for it."""
 
-    def __init__(self, plan: QuantPlan, hessians: SpillingStore | None, settings: GPTQSettings):
+    def __init__(self, plan: QuantPlan, hessians: SpillingStore | None, settings: GPTQSettings,
+                 keep_hessians: bool = False):
+        self.keep_hessians = keep_hessians  # a plan search rounds from the same Hessians again
         self.algorithms = {name: get_algorithm(node.algo) for name, node in plan.nodes.items()}
         self.reader_input = {} if hessians is None else {
             reader: activation for activation, readers in plan.activations.items() for reader in readers
@@ -502,7 +505,7 @@ class _WeightRounder:
             if activation not in self.prepared:
                 with self.lock:
                     hessian = self.hessians.get(activation)
-                    if hessian is not None:
+                    if hessian is not None and not self.keep_hessians:
                         del self.hessians[activation]
                 users = {self.algorithms[r] for r, a in self.reader_input.items() if a == activation}
                 self.prepared[activation] = {} if hessian is None else {
@@ -527,29 +530,45 @@ class _WeightRounder:
         return algorithm.round(weight, spec, prepared, self.settings)
 
 
-def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
-    scheme, plan = ctx.settings.scheme, ctx.state["plan"]
-    passes: list[ir.passes.PassBase] = []
-    ranges = ctx.ranges or {}
+def activation_ranges(ctx: StageContext) -> dict[str, tuple[float, float]]:
+    """The static activation ranges the quantize stage's calibration (or the smoothing pass) gave."""
     if "range_observers" in ctx.state:
-        ranges = {name: observer.range() for name, observer in ctx.state["range_observers"].items()}
+        return {name: observer.range() for name, observer in ctx.state["range_observers"].items()}
+    return ctx.ranges or {}
+
+
+def hessian_tokens(ctx: StageContext) -> dict[str, int]:
+    return ctx.hessian_tokens or {name: observer.tokens for name, observer in ctx.state["hessian_observers"].items()}
+
+
+def quantize_pass(ctx: StageContext, plan: QuantPlan, ranges: dict[str, tuple[float, float]],
+                  hessians: SpillingStore | None, keep_hessians: bool = False, rounder=None) -> QuantizeGraphPass:
+    """The pass that writes `plan` into the model, rounding each weight with its node's algorithm."""
+    scheme = ctx.settings.scheme
+    if rounder is None:
+        rounder = _WeightRounder(plan, hessians if ctx.settings.rounds_with_hessians else None, ctx.settings.gptq,
+                                 keep_hessians)
+    description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}
+    if ctx.report.kept_float:
+        description["kept_float"] = ctx.report.kept_float
+    return QuantizeGraphPass(plan, ranges, description, rounder, scheme.column_scales, rounding_workers=usable_cores())
+
+
+def _build_quantization(ctx: StageContext) -> list[ir.passes.PassBase]:
+    plan = ctx.state["plan"]
+    passes: list[ir.passes.PassBase] = []
+    ranges = activation_ranges(ctx)
     hessians = None
     if ctx.settings.needs_hessians:
         hessians = ctx.state.pop("hessian_store")  # each is freed once rounded (float32 until used)
     if ctx.settings.exclude_most_sensitive:
-        tokens = ctx.hessian_tokens or {name: observer.tokens for name, observer in ctx.state["hessian_observers"].items()}
-        ctx.report.kept_float = _most_sensitive(ctx, plan, hessians, tokens, ranges)
+        ctx.report.kept_float = _most_sensitive(ctx, plan, hessians, hessian_tokens(ctx), ranges)
         plan = plan.without(ctx.report.kept_float)
         for name in [name for name in hessians if name not in plan.activations]:
             del hessians[name]
     if ctx.settings.folds_scales:
         passes.append(_awq_pass(ctx, plan, hessians))
-    rounder = _WeightRounder(plan, hessians if ctx.settings.rounds_with_hessians else None, ctx.settings.gptq)
-    description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}
-    if ctx.report.kept_float:
-        description["kept_float"] = ctx.report.kept_float
-    quantize = QuantizeGraphPass(plan, ranges, description, rounder, scheme.column_scales,
-                                 rounding_workers=usable_cores())
+    quantize = quantize_pass(ctx, plan, ranges, hessians)
     ctx.state["quantize"] = quantize
     return passes + [quantize]
 
@@ -643,11 +662,15 @@ def save_model(model: ir.Model, path: Path) -> None:
 def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSettings, samples: np.ndarray | None,
                    scratch: Path, recipe: tuple[Stage, ...] = STAGES,
                    after_checkpoint: Callable[[str, Path], None] | None = None,
-                   times: PhaseTimes | None = None) -> QuantizeReport:
+                   times: PhaseTimes | None = None,
+                   plan_search: Callable[[StageContext, Path, PhaseTimes], None] | None = None) -> QuantizeReport:
     """Run the recipe's stages on `folder`'s model and write the result to `output_model`.
 
     `after_checkpoint(stage name, model file)`, when given, runs on each float stage's model file
     (each is then checkpointed right away); each phase's seconds add up in `times`, when given.
+    `plan_search(ctx, output_model, times)`, when given, replaces the quantize stage's build and write: it
+    gets the calibrated context with the float stages' model on disk at `ctx.model_path` and writes the
+    model it chooses (onnxquant.mixed_precision).
     """
     report = QuantizeReport()
     times = times if times is not None else PhaseTimes()
@@ -687,6 +710,12 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
             report.calibration_seconds += run.seconds
             report.calibration_passes += 1
             report.calibration_segments = max(report.calibration_segments, run.segments)
+        if stage is QUANTIZE and plan_search is not None:
+            if unsaved:
+                checkpoint(f"stage{number}-before-{stage.name}", f"checkpoint_before_{stage.name}")
+            plan_search(ctx, output_model, times)
+            report.seconds = time.perf_counter() - start
+            return report
         with times.phase(f"{stage.name}_passes"):
             passes = stage.build(ctx)
             run_passes(ctx.model, passes)
@@ -706,12 +735,12 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
     # The rounding threads (emitters.RoundingAhead) each take one core: BLAS threads on top only
     # contend with them (GPTQ's small products ran slower on two BLAS threads than on one).
     with times.phase("round_and_write"), threadpool_limits(1, user_api="blas"):
-        _save_result(ctx, output_model)
+        save_result(ctx, output_model)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _save_result(ctx: StageContext, output_model: Path) -> None:
+def save_result(ctx: StageContext, output_model: Path) -> None:
     """Write the quantized model; microscaling models get their standard form beside the CPU-runnable one."""
     model, ctx.model = ctx.model, None
     if needs_emulation(model):

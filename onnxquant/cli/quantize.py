@@ -22,8 +22,35 @@ def build_parser(prog: str = "onnxquant quantize") -> argparse.ArgumentParser:
     parser.add_argument("--output_model_path", default=None, help="model.onnx in a new folder (or the folder)")
     parser.add_argument("--result_json", default=None, metavar="FILE",
                         help="also write the result (sizes, times, peak RSS, quality, the recipe) to FILE as JSON")
+    budget = parser.add_argument_group("mixed precision under a measured budget (onnxquant.mixed_precision)")
+    budget.add_argument("--max_delta", default=None, metavar="P%",
+                        help="the smallest model whose perplexity on held-out calibration windows is within P%% of "
+                             "float's (e.g. 3%%): each MatMul and the embedding get a format from quantize.candidates")
+    budget.add_argument("--max_size_mb", type=float, default=None, metavar="MB",
+                        help="the most accurate model of at most MB megabytes, formats chosen as for --max_delta")
+    budget.add_argument("--budget_windows", type=int, default=None, metavar="N",
+                        help="held-out windows (of --seq_len tokens) each measured point runs on (default 8)")
     add_flags(parser)
     return parser
+
+
+def parse_percent(text: str) -> float:
+    """'3%' or '3' -> 0.03."""
+    try:
+        return float(text.strip().removesuffix("%")) / 100.0
+    except ValueError:
+        fail(f"--max_delta {text!r} is not a percentage; give one such as 3% or 2.5")
+
+
+def budget_from(args):
+    if args.max_delta is None and args.max_size_mb is None:
+        if args.budget_windows is not None:
+            fail("--budget_windows applies to --max_delta or --max_size_mb; add one or drop it")
+        return None
+    from onnxquant.mixed_precision import Budget
+
+    windows = {} if args.budget_windows is None else {"windows": args.budget_windows}
+    return Budget(None if args.max_delta is None else parse_percent(args.max_delta), args.max_size_mb, **windows)
 
 
 def main(argv: list[str] | None = None, prog: str = "onnxquant quantize") -> int:
@@ -41,9 +68,14 @@ def main(argv: list[str] | None = None, prog: str = "onnxquant quantize") -> int
     if source is None or target is None:
         fail("give the input folder and the output folder (onnxquant quantize IN OUT, or --input_model_path and "
              "--output_model_path)")
+    budget = budget_from(args)
     from onnxquant.api import quantize
 
-    result = quantize(source, target, recipe, overwrite=args.overwrite)
+    result = quantize(source, target, recipe, budget=budget, overwrite=args.overwrite)
+    if result.search is not None:
+        for number, point in enumerate(result.search.points):
+            chosen = " (chosen)" if number == result.search.chosen else ""
+            print(f"point {number + 1}: {point.summary()}{chosen}", flush=True)
     if result.quality is not None or result.exact_errors:
         parts = [" ".join(f"exact_{stage}={error:.1e}" for stage, error in result.exact_errors.items())]
         if result.quality is not None:

@@ -234,6 +234,9 @@ class Quantize:
     lowering: Lowering = Lowering()
     overrides: tuple[Override, ...] = ()
     exclude_most_sensitive: int = 0  # keep the n MatMuls with the largest modelled output error in float
+    # The formats a budget search (--max_delta, --max_size_mb) chooses from for each node; () = the
+    # scheme's default set (onnxquant.mixed_precision.default_candidates).
+    candidates: tuple[Union[Grid, Literal["float"]], ...] = ()
 
     def __post_init__(self) -> None:
         from onnxquant.schemes import SCHEMES
