@@ -173,6 +173,9 @@ class NodeOptions:
     op: str
     specs: list[QuantSpec | None]
     sizes: list[int]
+    # Relative output error of each format. (Weighting it by how much of the residual stream each node writes,
+    # the stream's energy summed over earlier writes, made the 113.6 MB SmolLM2 point worse: held-out +5.41%
+    # against +4.91%; the weights spanned 1000x, RMSNorm undoes most of the stream's growth.)
     errors: list[float]
 
 
@@ -228,7 +231,8 @@ def node_options(ctx, plan, candidates: tuple[QuantSpec | None, ...], hessians, 
 
     # Nodes are modelled on one thread per core; numpy's products release the GIL.
     with ThreadPoolExecutor(usable_cores()) as pool, threadpool_limits(1, user_api="blas"):
-        return list(tqdm(pool.map(options, names), total=len(names), desc="modelling formats", unit="node"))
+        result = list(tqdm(pool.map(options, names), total=len(names), desc="modelling formats", unit="node"))
+    return result
 
 
 # --- allocation ----------------------------------------------------------------------------------
