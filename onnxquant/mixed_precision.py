@@ -485,6 +485,7 @@ class PlanSearch:
             point = MeasuredPoint(model_bytes(folder, output_model.name) / 1e6, quality.quant_ppl, quality.float_ppl,
                                   quality.agreement, format_counts(options, choice))
             fixed[0] = point.size_mb * 1e6 - sum(o.sizes[i] for o, i in zip(options, choice))
+            log.debug("point %d: bytes outside the modelled weights %d", len(measured), fixed[0])
             measured[key] = (point, folder)
             self.choices[id(point)] = list(choice)
             self.result.points.append(point)
