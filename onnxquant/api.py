@@ -164,6 +164,7 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
     checks = verify.exact_checks or budget is not None or (verify.collapse_ratio > 0 and not settings.skip_quantization)
     # A search measures its points on its own held-out windows; the collapse guard then reads the chosen one's.
     windows = verify.windows if budget is None else budget.windows
+    window_tokens = calib.seq_len if budget is None else min(budget.window_tokens, folder.context_length or budget.window_tokens)
     samples, verifier, times = None, None, PhaseTimes()
     text, text_name = _text_source(calib)
     sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -172,12 +173,14 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
              f"against {recorded_sha256[:12]}…), so the model would differ; pass the same text or drop produced_by")
     if settings.needs_calibration or checks:
         calibrated = calib.samples if settings.needs_calibration else 0
-        ids = tokenize_prefix(folder.path, text, (calibrated + windows) * calib.seq_len)
+        ids = tokenize_prefix(folder.path, text, calibrated * calib.seq_len + windows * window_tokens)
         if settings.needs_calibration:
             samples = cut_windows(ids, calib.seq_len, calib.samples, "calibration text")
         if checks:
             with times.phase("verify_float"):
-                verifier = RunVerifier(folder, *held_out_windows(ids, calibrated, calib.seq_len, windows),
+                held_out = (held_out_windows(ids, calibrated, calib.seq_len, windows) if budget is None else
+                            held_out_windows(ids[calibrated * calib.seq_len:], 0, window_tokens, windows))
+                verifier = RunVerifier(folder, *held_out,
                                        verify.exact_checks, settings.segment_bytes)
     quality, search = None, None
     if budget is not None:

@@ -129,3 +129,15 @@ def test_cli_refuses_both_budgets_in_one_line(tiny_models, tmp_path):
     assert result.returncode == 2
     assert "not both" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_budget_with_awq_or_a_4bit_per_channel_candidate_is_refused_before_any_work(tiny_models, tmp_path):
+    source, recipe = tiny_models.onnx("tiny-llama-96"), load_recipe("w4a16")
+    awq = recipe.with_stage(dataclasses.replace(recipe.stages[-1], algorithm=dataclasses.replace(
+        recipe.stages[-1].algorithm, name="awq")))
+    with pytest.raises(UserError, match="awq"):
+        onnxquant.quantize(source, tmp_path / "out", awq, budget=Budget(max_delta=0.03))
+    per_channel = recipe.with_stage(dataclasses.replace(recipe.stages[-1], candidates=(Grid("uint4", "per_channel", False),)))
+    with pytest.raises(UserError, match="cannot be written"):
+        onnxquant.quantize(source, tmp_path / "out", per_channel, budget=Budget(max_delta=0.03))
+    assert not (tmp_path / "out").exists()

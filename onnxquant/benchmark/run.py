@@ -66,6 +66,8 @@ class Recipe:
             return "float"
         if self.peer is not None:
             return "peers (ORT, ORT-GenAI builder)"
+        if "--max_size_mb" in self.flags or "--max_delta" in self.flags:
+            return "onnxquant mixed precision (budget)"
         if self.flags[:1] == ("--recipe",):
             from onnxquant.recipes import Quantize, load_recipe
 
@@ -212,6 +214,11 @@ RECIPES = {r.name: r for r in (
            "(INT8_PER_CHANNEL's settings)", (), peer="ort_static_int8_pc"),
     Recipe("peer_builder_k_quant_mixed_b32", "ORT-GenAI builder -p int4 algo_config=k_quant_mixed, block 32",
            ("--block_size", "32", "--algo", "k_quant_mixed"), peer="builder_int4"),
+    # Mixed precision under a budget (onnxquant.mixed_precision): the plot joins these into one curve.
+    *(Recipe(f"w4a16_within_{size:g}MB", f"w4a16 with each node's format searched for the best held-out perplexity within {size:g} MB",
+             ("--recipe", "w4a16", "--max_size_mb", f"{size:g}")) for size in (100, 113.6, 130, 150)),
+    *(Recipe(f"w4a16_within_{delta:g}pct", f"w4a16 with each node's format searched for the smallest model within +{delta:g}% "
+             "held-out perplexity", ("--recipe", "w4a16", "--max_delta", f"{delta:g}%")) for delta in (3,)),
 )}
 
 
@@ -449,12 +456,16 @@ def write_plot(rows: list[Row], path: Path, title: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = {"float": "tab:gray", "onnxquant W8A8": "tab:blue", "onnxquant W4A16": "tab:green",
-              "onnxquant FP8 / microscaling": "tab:purple", "peers (ORT, ORT-GenAI builder)": "tab:red"}
+              "onnxquant FP8 / microscaling": "tab:purple", "peers (ORT, ORT-GenAI builder)": "tab:red",
+              "onnxquant mixed precision (budget)": "tab:orange"}
     shown = [row for row in rows if not row.extra.get("crashed") and np.isfinite(row.ppl)]
     for series, color in colors.items():
         members = [row for row in shown if RECIPES[row.config.split("@")[0]].series == series]
         if members:
             ax.scatter([r.size_mb for r in members], [r.ppl for r in members], color=color, label=series, s=22)
+            if series == "onnxquant mixed precision (budget)":
+                members.sort(key=lambda r: r.size_mb)
+                ax.plot([r.size_mb for r in members], [r.ppl for r in members], color=color, lw=1)
     ax.set_yscale("log")
     # Points of similar size stack up: the labels of each group of nearby sizes go in one column to
     # its right, ordered by perplexity, one text line apart, each tied to its point by a line.

@@ -29,7 +29,7 @@ def build_parser(prog: str = "onnxquant quantize") -> argparse.ArgumentParser:
     budget.add_argument("--max_size_mb", type=float, default=None, metavar="MB",
                         help="the most accurate model of at most MB megabytes, formats chosen as for --max_delta")
     budget.add_argument("--budget_windows", type=int, default=None, metavar="N",
-                        help="held-out windows (of --seq_len tokens) each measured point runs on (default 8)")
+                        help="held-out windows (of 2048 tokens, or the context if shorter) each measured point runs on (default 2)")
     add_flags(parser)
     return parser
 
