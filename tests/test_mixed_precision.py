@@ -10,7 +10,8 @@ import pytest
 
 import onnxquant
 from onnxquant.errors import UserError
-from onnxquant.mixed_precision import Budget, NodeOptions, allocate, default_candidates, stored_bytes
+from onnxquant.mixed_precision import (Budget, MeasuredPoint, NodeOptions, PlanSearch, allocate, default_candidates,
+                                       stored_bytes)
 from onnxquant.recipes import Grid, load_recipe
 from onnxquant.schemes import SCHEMES
 from onnxquant.spec import QuantSpec
@@ -113,14 +114,18 @@ def test_size_below_every_mix_is_refused_before_any_work(tiny_models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_unreachable_delta_names_the_closest_point_and_writes_nothing(tiny_models, tmp_path):
-    recipe = load_recipe("w4a16")
-    quantize = dataclasses.replace(recipe.stages[-1], candidates=(Grid("uint4", "per_block", False, 128),))
-    recipe = recipe.with_stage(quantize)
-    with pytest.raises(UserError, match="closest measured is"):
-        onnxquant.quantize(tiny_models.onnx("tiny-llama-96"), tmp_path / "out", recipe,
-                           budget=Budget(max_delta=0.0001, windows=1))
-    assert not (tmp_path / "out").exists()
+def test_unreachable_delta_names_the_closest_point():
+    search = PlanSearch(Budget(max_delta=0.001), load_recipe("w4a16"), verifier=None)
+    options = [NodeOptions("a", "MatMul", [UINT4_B32, QuantSpec("uint8", "per_block", False, 128)], [10, 20], [1.0, 0.1])]
+
+    def measure(choice):  # every mix is 2% or more above float
+        point = MeasuredPoint(10.0 + 10 * choice[0], 10.2 + 0.1 * (1 - choice[0]) * 10, 10.0, 0.9, {})
+        search.result.points.append(point)
+        return point
+
+    smallest, largest = [0], [1]
+    with pytest.raises(UserError, match=r"closest measured is \+2\.00% at 20\.0 MB"):
+        search._within_delta(options, measure, None, (smallest, measure(smallest)), (largest, measure(largest)))
 
 
 def test_cli_refuses_both_budgets_in_one_line(tiny_models, tmp_path):
