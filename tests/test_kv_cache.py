@@ -229,3 +229,36 @@ def test_bad_kv_cache_input_is_one_line_and_writes_nothing(tiny_source, tmp_path
     out = tmp_path / "out"
     assert_user_error(_quantize_cli(source, out, *flags), *needles)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _cache_graph(model_file):
+    """What a quantized cache changes: cache I/O types and shapes, each GQA's inputs and attributes, the scales."""
+    proto = onnx.load(str(model_file))
+    io = {v.name: (v.type.tensor_type.elem_type, [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim])
+          for v in [*proto.graph.input, *proto.graph.output] if v.name.startswith(("past_key_values", "present"))}
+    attention = [(list(n.input), sorted((a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute))
+                 for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    scales = {i.name: onnx.numpy_helper.to_array(i).tolist() for i in proto.graph.initializer if i.name.endswith("_scale")}
+    return io, attention, scales
+
+
+@pytest.mark.slow  # a builder export in a child process: about 15 s idle, 55 s on the shared machine
+def test_rewrite_equals_the_builders_own_export_with_the_same_scales(tiny_models, tiny_source, tmp_path):
+    """The builder, given our scales as its kv_cache_scale_file, writes the same graph and genai_config.json."""
+    import subprocess
+    import sys
+
+    ours = onnxquant.quantize(tiny_source, tmp_path / "ours", Recipe(stages=(KVCache("int4", "per_channel"),),
+                                                                      calibration=CALIBRATION)).output
+    scales = _cache_graph(ours)[2]
+    layers = range(2)
+    (tmp_path / "scales.json").write_text(json.dumps({"scales": {
+        "k_scales": [scales[f"model.layers.{i}.attn.k_scale"] for i in layers],
+        "v_scales": [scales[f"model.layers.{i}.attn.v_scale"] for i in layers]}}))
+    built = tmp_path / "builder"
+    subprocess.run([sys.executable, "-m", "onnxquant.builder_compat", "-i", str(tiny_models.hf("tiny-llama-96")),
+                    "-o", str(built), "-p", "fp32", "-e", "cpu", "-c", str(tmp_path / "cache"), "--extra_options",
+                    "kv_cache_quant_scheme=int4_per_channel", f"kv_cache_scale_file={tmp_path / 'scales.json'}"],
+                   check=True, capture_output=True)
+    assert _cache_graph(ours) == _cache_graph(built / "model.onnx")
+    assert json.loads((ours.parent / "genai_config.json").read_text()) == json.loads((built / "genai_config.json").read_text())
