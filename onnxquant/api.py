@@ -201,6 +201,10 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
     standard_mb = model_bytes(output_dir, standard_model_name(output_name)) / 1e6
     peak = peak_rss_mb()
     summary = report.summary(settings, peak, size_mb) + (f" standard_size_mb={standard_mb:.1f}" if standard_mb else "")
+    if kv_cache is not None:
+        from onnxquant.kv_cache import cache_size
+
+        summary += " " + cache_size(folder, kv_cache.dtype).summary()
     return QuantizeResult(output_dir / output_name, recipe, size_mb, standard_mb, report.seconds, peak,
                           dict(times.seconds), quality, dict(verifier.exact_errors) if verifier else {}, report, summary)
 

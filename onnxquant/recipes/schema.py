@@ -286,9 +286,6 @@ class Quantize:
         return Calibration(o.method, o.percentile, o.moving_average, o.averaging_constant)
 
 
-KV_CACHE_DTYPES = ("int8", "int4", "fp8")
-
-
 @dataclass(frozen=True)
 class KVCache:
     """The KV cache quantized inside com.microsoft.GroupQueryAttention, as the ORT-GenAI builder's
