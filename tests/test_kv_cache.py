@@ -214,12 +214,21 @@ def _plain_attention(folder):
     onnx.save(proto, str(folder / "model.onnx"))
 
 
+def _sliding_window_cache(folder):
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for node in proto.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            node.attribute.append(onnx.helper.make_attribute("sliding_window_cache", 1))  # as Gemma 2's layers have it
+    onnx.save(proto, str(folder / "model.onnx"))
+
+
 @pytest.mark.parametrize("edit, flags, needles", [
     (None, ["--kv_cache_quant_scheme", "fp8_per_tensor"], ["fp8 KV cache needs a provider", "targets cpu", "int8 or int4"]),
     (_drop_present_outputs, ["--kv_cache_quant_scheme", "int8_per_channel"], ["has no KV cache"]),
     (_plain_attention, ["--kv_cache_quant_scheme", "int8_per_channel"], ["outside attention", "onnxquant export"]),
     (None, ["--kv_cache_quant_scheme", "int8_per_channel", "--seq_len", "4096"], ["calibration window", "longer than the model's context"]),
-], ids=["fp8-on-cpu", "no-kv-cache", "plain-decoder", "window-past-context"])
+    (_sliding_window_cache, ["--kv_cache_quant_scheme", "int4_per_channel"], ["sliding-window cache", "multiple of 32, not 16"]),
+], ids=["fp8-on-cpu", "no-kv-cache", "plain-decoder", "window-past-context", "sliding-window-cache"])
 def test_bad_kv_cache_input_is_one_line_and_writes_nothing(tiny_source, tmp_path, edit, flags, needles):
     source = tiny_source
     if edit is not None:
