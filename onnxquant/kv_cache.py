@@ -96,19 +96,59 @@ def rotary_layout(attention_attributes: dict) -> str:
     return "interleaved" if attention_attributes.get("rotary_interleaved", 0) else "half"
 
 
-def pair_envelope(rows: np.ndarray, heads: int, head_size: int, layout: str) -> np.ndarray:
-    """Each channel of `rows` [tokens, heads * head_size] replaced by the norm of its RoPE pair: a bound on
-    the channel at every position (a partial rotary's unrotated pairs get a looser bound, never a clipping
-    one: a pair's norm is never below either member). An odd head size has no pairs: |rows| as they are."""
+def _pairs(rows: np.ndarray, heads: int, head_size: int, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two members (a, b) of every RoPE pair, each [tokens, heads, head_size // 2]."""
+    if layout == "interleaved":
+        x = rows.reshape(len(rows), heads, head_size // 2, 2)
+        return x[..., 0], x[..., 1]
+    x = rows.reshape(len(rows), heads, 2, head_size // 2)
+    return x[:, :, 0], x[:, :, 1]
+
+
+def _unpairs(a: np.ndarray, b: np.ndarray, layout: str) -> np.ndarray:
+    return (np.stack([a, b], axis=-1) if layout == "interleaved" else np.stack([a, b], axis=2)).reshape(len(a), -1)
+
+
+def rope_frequencies(cos_cache: np.ndarray, sin_cache: np.ndarray) -> np.ndarray | None:
+    """Each RoPE pair's angle per position, theta_i, from GroupQueryAttention's cos/sin caches (row p holds
+    cos(p theta_i)); None when the caches are not one rotation per position (LongRoPE's switched tables)."""
+    theta = np.arctan2(sin_cache[1], cos_cache[1]).astype(np.float64)
+    last = len(cos_cache) - 1
+    if not np.allclose(cos_cache[last], np.cos(last * theta), atol=1e-3) or not np.allclose(
+            sin_cache[last], np.sin(last * theta), atol=1e-3):
+        return None
+    return theta
+
+
+def _largest_cosine(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """max |cos φ| over φ in [low, high]: 1 when the interval holds a multiple of π, else the ends' larger."""
+    holds_peak = np.floor(high / np.pi) * np.pi >= low
+    return np.where(holds_peak, 1.0, np.maximum(np.abs(np.cos(low)), np.abs(np.cos(high))))
+
+
+def pair_envelope(rows: np.ndarray, heads: int, head_size: int, layout: str, theta: np.ndarray | None = None,
+                  context: int = 0) -> np.ndarray:
+    """A bound on each channel of `rows` [tokens at positions 0.., heads * head_size] at every position the
+    cache can hold it in. RoPE turns pair (a, b) of token p, seen at angle p theta, into r cos(φ + α) and
+    r sin(φ + α) at position q (r = |(a, b)|, α = atan2(b, a), φ = (q - p) theta). Without `theta` the bound
+    is r, for every position (the builder's envelope); with each pair's theta and the model's `context`, the
+    largest |cos| (|sin|) over q in [0, context): the same r for pairs that turn half a circle within the
+    context, tighter for the slow ones, whose worst position the calibration window never reaches. Pairs past
+    theta's (partial rotary) do not turn: |x|. An odd head size has no pairs: |rows|."""
     if head_size % 2:
         return np.abs(rows)
-    x = rows.reshape(len(rows), heads, head_size // 2, 2) if layout == "interleaved" else \
-        rows.reshape(len(rows), heads, 2, head_size // 2).swapaxes(2, 3)
-    norm = np.sqrt(np.square(x[..., 0], dtype=np.float32) + np.square(x[..., 1], dtype=np.float32))
-    paired = np.stack([norm, norm], axis=-1)
-    if layout != "interleaved":
-        paired = paired.swapaxes(2, 3)
-    return paired.reshape(len(rows), -1)
+    a, b = (m.astype(np.float32) for m in _pairs(rows, heads, head_size, layout))
+    radius = np.sqrt(np.square(a) + np.square(b))
+    if theta is None:
+        return _unpairs(radius, radius, layout)
+    turning = min(len(theta), head_size // 2)
+    position = np.arange(len(rows), dtype=np.float64)[:, None, None]
+    angle = np.arctan2(b[..., :turning], a[..., :turning]).astype(np.float64)
+    low, high = -position * theta[:turning], (context - 1 - position) * theta[:turning]
+    bound_a, bound_b = np.abs(a), np.abs(b)
+    bound_a[..., :turning] = radius[..., :turning] * _largest_cosine(angle + low, angle + high)
+    bound_b[..., :turning] = radius[..., :turning] * _largest_cosine(angle - np.pi / 2 + low, angle - np.pi / 2 + high)
+    return _unpairs(bound_a, bound_b, layout)
 
 
 class KVCacheObserver(Observer):
@@ -117,11 +157,12 @@ class KVCacheObserver(Observer):
     `rows_per_sample` rows of each sample, evenly strided, in float16 (as the builder's calibrator keeps them).
     With `envelope` (K), the rows are RoPE pair norms (`pair_envelope`)."""
 
-    def __init__(self, heads: int, head_size: int, rows_per_sample: int = 0, envelope: str | None = None) -> None:
+    def __init__(self, heads: int, head_size: int, rows_per_sample: int = 0, envelope: str | None = None,
+                 theta: np.ndarray | None = None, context: int = 0) -> None:
         super().__init__()
         self.heads, self.head_size = heads, head_size
         self.rows_per_sample = rows_per_sample
-        self.envelope = envelope
+        self.envelope, self.theta, self.context = envelope, theta, context
         self.absmax = np.zeros(heads * head_size, dtype=np.float32)
         self.rows: list[np.ndarray] = []
 
@@ -132,7 +173,7 @@ class KVCacheObserver(Observer):
         x = np.asarray(stats["values"], dtype=np.float32)
         rows = x.transpose(0, 2, 1, 3).reshape(-1, self.heads * self.head_size)
         if self.envelope is not None:
-            rows = pair_envelope(rows, self.heads, self.head_size, self.envelope)
+            rows = pair_envelope(rows, self.heads, self.head_size, self.envelope, self.theta, self.context)
         magnitude = np.abs(rows)
         if not np.isfinite(magnitude).all():
             fail("the float model produced a KV cache value that is not finite on the calibration text; "

@@ -48,7 +48,7 @@ from onnxquant.errors import UserError, fail
 from onnxquant.genai_folder import GenAIFolder, standard_model_name
 from onnxquant.graph_utils import read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
-from onnxquant.kv_cache import SAMPLE_ROWS, KVCacheObserver, cache_scale, present_names, rotary_layout
+from onnxquant.kv_cache import SAMPLE_ROWS, KVCacheObserver, cache_scale, present_names, rope_frequencies, rotary_layout
 from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, HadamardGroupsPass,
                               QuantizeGraphPass, RotateR1Pass, UntieEmbeddingsPass)
 from onnxquant.passes.fold_channel_scales import scaled_activation_name
@@ -619,11 +619,22 @@ def _prepare_kv_cache(ctx: StageContext) -> list[Observation]:
     rows = 0 if kv.method == "minmax" else max(1, SAMPLE_ROWS // max(1, len(ctx.samples)))
     observers = {}
     for key, value in present_names(folder):
-        layout = rotary_layout({name: attr.value for name, attr in attention[key].attributes.items()})
-        observers[key] = KVCacheObserver(folder.num_kv_heads, folder.head_size, rows, layout if kv.rotary_envelope else None)
+        node = attention[key]
+        layout = rotary_layout({name: attr.value for name, attr in node.attributes.items()})
+        observers[key] = KVCacheObserver(folder.num_kv_heads, folder.head_size, rows, layout if kv.rotary_envelope else None,
+                                         _rope_frequencies(node), folder.context_length)
         observers[value] = KVCacheObserver(folder.num_kv_heads, folder.head_size, rows)
     ctx.state["kv_observers"] = observers
     return list(observers.items())
+
+
+def _rope_frequencies(attention: ir.Node) -> np.ndarray | None:
+    """Each RoPE pair's angle per position from the cos/sin caches GroupQueryAttention rotates K by (inputs
+    7, 8), None when it reads none (RoPE outside it: K's envelope is then the pair norm, for any position)."""
+    caches = [attention.inputs[i] if len(attention.inputs) > i else None for i in (7, 8)]
+    if any(value is None or value.const_value is None for value in caches):
+        return None
+    return rope_frequencies(*(read_initializer(value, lambda a: a.astype(np.float64)) for value in caches))
 
 
 def _build_kv_cache(ctx: StageContext) -> list[ir.passes.PassBase]:

@@ -271,3 +271,25 @@ def test_rewrite_equals_the_builders_own_export_with_the_same_scales(tiny_models
                    check=True, capture_output=True)
     assert _cache_graph(ours) == _cache_graph(built / "model.onnx")
     assert json.loads((ours.parent / "genai_config.json").read_text()) == json.loads((built / "genai_config.json").read_text())
+
+
+def test_rotary_envelope_bounds_k_at_every_position_of_the_context_and_is_tighter_for_slow_pairs():
+    from onnxquant.kv_cache import pair_envelope
+
+    context, tokens, half = 64, 16, 4
+    theta = np.array([1.0, 0.3, 0.01, 0.001])
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((tokens, 1, 2, half))  # one head, half layout: channel d pairs with d + half
+
+    def rotated(q):  # K of each token as RoPE leaves it at position q (HF's rotate_half form)
+        angle = q[:, None] * theta
+        return np.concatenate([raw[:, 0, 0] * np.cos(angle) - raw[:, 0, 1] * np.sin(angle),
+                               raw[:, 0, 1] * np.cos(angle) + raw[:, 0, 0] * np.sin(angle)], axis=-1)
+
+    seen = rotated(np.arange(tokens, dtype=float))  # token p cached at position p
+    bound = pair_envelope(seen, 1, 2 * half, "half", theta, context)
+    worst = np.max([np.abs(rotated(np.full(tokens, float(q)))) for q in range(context)], axis=0)
+    assert (worst <= bound + 1e-6).all()
+    norm = pair_envelope(seen, 1, 2 * half, "half")
+    assert np.allclose(bound[:, :2], norm[:, :2])  # fast pairs turn fully within the context
+    assert (bound[:, 3] < norm[:, 3] - 1e-3).mean() > 0.5  # the slowest pair's bound is mostly below its norm
