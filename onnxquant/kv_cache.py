@@ -6,9 +6,10 @@ The builder's calibrator (onnxruntime_genai/models/quantization/kv_cache_calibra
 thresholds per channel (channel = kv_head * head_size + d, the order GroupQueryAttention reads per-channel
 scales in), a per-tensor threshold the largest channel's, scale = max(threshold, 1e-6) / qmax with qmax 128
 (int8), 8 (int4), 448 (fp8) while the kernel clamps integers to [-qmax, qmax - 1]. With the rotary
-envelope K's thresholds come from each RoPE pair's norm sqrt(k_d² + k_partner²), which a rotation leaves
-unchanged, so they hold at positions past the calibration window too (the low-frequency pairs barely turn
-within 512 tokens).
+envelope K's thresholds bound K at every position of the context, not only those of the calibration window
+(the low-frequency pairs barely turn within 512 tokens): the builder takes each RoPE pair's norm, which a
+rotation leaves unchanged; `pair_envelope` takes the largest value each pair reaches over the angles it turns
+through within the context, the same norm for the fast pairs and tighter for the slow ones.
 """
 
 from __future__ import annotations
