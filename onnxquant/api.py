@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from onnxquant.errors import UserError, fail
-from onnxquant.recipes import CalibrationData, Recipe, RecipeError, load_recipe
+from onnxquant.recipes import CalibrationData, KVCache, Recipe, RecipeError, load_recipe
 
 if TYPE_CHECKING:
     from onnxquant.mixed_precision import Budget, SearchResult
@@ -128,6 +128,11 @@ def quantize(model: str | Path, output: str | Path, recipe: str | Path | Recipe 
     share_one_malloc_arena()
     folder = open_genai_folder(model)
     folder.check_fits_context(recipe.calibration.seq_len, "the calibration window (calibration.seq_len, --seq_len)")
+    kv_cache = recipe.stage(KVCache)
+    if kv_cache is not None:
+        from onnxquant.kv_cache import check_kv_cache_target
+
+        check_kv_cache_target(folder, kv_cache.dtype)
     out = Path(output)
     output_dir, output_name = (out.parent, out.name) if out.suffix == ".onnx" else (out, "model.onnx")
     with claimed_output(output_dir):
@@ -161,7 +166,17 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
     input_bytes = model_bytes(folder.path, folder.model_file.name)
     require_free_space(output_dir, input_bytes * (1 + scratch_copies(settings)), f"quantizing {folder.model_file}")
     verify, calib = recipe.verify, recipe.calibration
-    checks = verify.exact_checks or budget is not None or (verify.collapse_ratio > 0 and not settings.skip_quantization)
+    kv_cache = recipe.stage(KVCache)
+    from onnxquant.kv_cache import KERNEL_DTYPES
+
+    # The result is checked on this machine's CPU: a cache the CPU kernel cannot hold (fp8, written for CUDA)
+    # leaves the result unchecked.
+    checkable = kv_cache is None or kv_cache.dtype in KERNEL_DTYPES["cpu"]
+    quantizes = not settings.skip_quantization or kv_cache is not None
+    checks = verify.exact_checks or budget is not None or (verify.collapse_ratio > 0 and quantizes and checkable)
+    if verify.collapse_ratio > 0 and quantizes and not checkable:
+        log.warning("the %s KV cache has no CPU kernel: the result is written unchecked (no collapse guard)",
+                    kv_cache.dtype)
     # A search measures its points on its own held-out windows; the collapse guard then reads the chosen one's.
     windows = verify.windows if budget is None else budget.windows
     window_tokens = calib.seq_len if budget is None else min(budget.window_tokens, folder.context_length or budget.window_tokens)
@@ -193,6 +208,10 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
                                 after_checkpoint=verifier.after_stage if verifier and verify.exact_checks else None,
                                 times=times, plan_search=search)
         copy_sidecar_files(folder, staging, output_name)
+        if kv_cache is not None:
+            from onnxquant.kv_cache import target_provider, write_kv_cache_config
+
+            write_kv_cache_config(staging / "genai_config.json", target_provider(folder))
         provenance = {"onnxquant": __version__, "input": str(folder.path.absolute()),
                       "calibration": {"text": text_name, "sha256": sha256, "samples": calib.samples,
                                       "seq_len": calib.seq_len}}
@@ -205,7 +224,7 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
             yaml.safe_dump({**recipe.to_dict(), "produced_by": provenance}, sort_keys=False, width=120), encoding="utf-8")
         if search is not None:
             quality = collapse_guard(search.quality, recipe, settings)
-        elif verifier is not None and not settings.skip_quantization:
+        elif verifier is not None and quantizes and checkable:
             with times.phase("verify_result"):
                 quality = collapse_guard(verifier.quality(staging / output_name), recipe, settings)
     size_mb = model_bytes(output_dir, output_name) / 1e6
@@ -214,6 +233,10 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
     summary = report.summary(settings, peak, size_mb) + (f" standard_size_mb={standard_mb:.1f}" if standard_mb else "")
     if search is not None:
         summary += f" budget={budget.describe()} points_measured={len(search.result.points)}"
+    if kv_cache is not None:
+        from onnxquant.kv_cache import cache_size
+
+        summary += " " + cache_size(folder, kv_cache.dtype).summary()
     return QuantizeResult(output_dir / output_name, recipe, size_mb, standard_mb, report.seconds, peak,
                           dict(times.seconds), quality, dict(verifier.exact_errors) if verifier else {}, report, summary,
                           None if search is None else search.result)

@@ -393,6 +393,9 @@ def check_budget(budget: Budget, recipe, settings, folder) -> None:
     if settings.folds_scales:
         fail("--max_delta / --max_size_mb with awq: AWQ folds its scales into the graph before rounding, which each "
              "measured point would repeat; use gptq or rtn for the search")
+    if settings.kv_cache is not None:
+        fail("--max_delta / --max_size_mb measure the weights' formats with the float KV cache; search without the "
+             "kv_cache stage, then quantize with OUT/quantization_recipe.yaml and --kv_cache_quant_scheme")
     if settings.exclude_most_sensitive:
         fail("--max_delta / --max_size_mb choose which nodes stay float themselves; drop --exclude_most_sensitive")
     candidates = candidates_of(recipe, settings.scheme)

@@ -48,11 +48,13 @@ from onnxquant.errors import UserError, fail
 from onnxquant.genai_folder import GenAIFolder, standard_model_name
 from onnxquant.graph_utils import read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
+from onnxquant.kv_cache import SAMPLE_ROWS, KVCacheObserver, cache_scale, present_names, rope_frequencies, rotary_layout
 from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, HadamardGroupsPass,
                               QuantizeGraphPass, RotateR1Pass, UntieEmbeddingsPass)
 from onnxquant.passes.fold_channel_scales import scaled_activation_name
 from onnxquant.passes.fuse_norm_ops import FUSED_NORMS_METADATA_KEY, FuseNormOpsPass
 from onnxquant.passes.online_hadamard import OnlineHadamardPass, r4_activations
+from onnxquant.passes.quantize_kv_cache import QuantizeKVCachePass
 from onnxquant.patterns import GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
 from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
 from onnxquant import recipes
@@ -91,10 +93,11 @@ class QuantizeSettings:
     segment_bytes: int = DEFAULT_SEGMENT_MB << 20  # calibration runs in pieces of at most about this much weight
     fuse_norms: bool = False  # fuse a plain decoder's RMSNorms (always ahead of R1 and SmoothQuant)
     searches_plan: bool = False  # a mixed-precision search (onnxquant.mixed_precision) models errors from Hessians
+    kv_cache: recipes.KVCache | None = None  # None: the KV cache stays float
 
     @property
     def needs_calibration(self) -> bool:
-        return self.sq_alpha is not None or (not self.skip_quantization and (
+        return self.sq_alpha is not None or self.kv_cache is not None or (not self.skip_quantization and (
             self.scheme.static_activations or self.needs_hessians))
 
     @property
@@ -132,7 +135,8 @@ def settings_for(recipe: recipes.Recipe) -> QuantizeSettings:
         exclude_most_sensitive=quantize.exclude_most_sensitive if quantize is not None else 0,
         sq_alpha_search=smooth is not None and smooth.alpha == "auto",
         hessian_token_stride=algorithm.hessian_token_stride, sq_num_calib_data=None if smooth is None else smooth.samples,
-        segment_bytes=int(recipe.segment_mb * (1 << 20)), fuse_norms=recipe.stage(recipes.FuseNorms) is not None)
+        segment_bytes=int(recipe.segment_mb * (1 << 20)), fuse_norms=recipe.stage(recipes.FuseNorms) is not None,
+        kv_cache=recipe.stage(recipes.KVCache))
 
 
 @dataclass
@@ -172,6 +176,8 @@ class QuantizeReport:
             extras += f" calibration_passes={self.calibration_passes}"
         if self.calibration_segments > 1:
             extras += f" calibration_segments={self.calibration_segments}"
+        if settings.kv_cache is not None:
+            extras += f" kv_cache={settings.kv_cache.scheme} kv_method={settings.kv_cache.method}"
         return (f"quantized={self.quantized_nodes} nodes config={config} seconds={self.seconds:.1f} "
                 f"peak_rss_mb={peak_rss_mb:.0f} size_mb={size_mb:.1f}{extras}")
 
@@ -199,6 +205,9 @@ class Stage:
     prepare: Callable[[StageContext], list[Observation]]
     build: Callable[[StageContext], list[ir.passes.PassBase]]
     checkpoint: bool
+    # The stage whose calibration pass this stage's observers join when it runs right before this one (its
+    # passes change nothing this stage observes enough to matter), so that the model is calibrated once.
+    joins: str | None = None
 
 
 # --- ROTATE -------------------------------------------------------------------------------------
@@ -616,6 +625,50 @@ def _awq_pass(ctx: StageContext, plan: QuantPlan, hessians: SpillingStore) -> Fo
     return FoldChannelScalesPass(targets, scales)
 
 
+# --- KV CACHE -----------------------------------------------------------------------------------
+
+def _prepare_kv_cache(ctx: StageContext) -> list[Observation]:
+    """Observers of every layer's present key and value. They join the quantize stage's pass, which sees
+    the model after every float stage but before its weights are rounded: K and V of float weights, where
+    the builder's calibrator reads those of its quantized-weight baseline. Without a calibrating quantize
+    stage they have a pass of their own, on the model as the float stages leave it."""
+    kv, folder = ctx.settings.kv_cache, ctx.folder
+    attention = {node.outputs[1].name: node for node in ctx.model.graph
+                 if node.op_type == "GroupQueryAttention" and len(node.outputs) >= 3}
+    rows = 0 if kv.method == "minmax" else max(1, SAMPLE_ROWS // max(1, len(ctx.samples)))
+    observers = {}
+    for key, value in present_names(folder):
+        node = attention[key]
+        layout = rotary_layout({name: attr.value for name, attr in node.attributes.items()})
+        observers[key] = KVCacheObserver(folder.num_kv_heads, folder.head_size, rows, layout if kv.rotary_envelope else None,
+                                         _rope_frequencies(node), folder.context_length)
+        observers[value] = KVCacheObserver(folder.num_kv_heads, folder.head_size, rows)
+    ctx.state["kv_observers"] = observers
+    return list(observers.items())
+
+
+def _rope_frequencies(attention: ir.Node) -> np.ndarray | None:
+    """Each RoPE pair's angle per position from the cos/sin caches GroupQueryAttention rotates K by (inputs
+    7, 8), None when it reads none (RoPE outside it: K's envelope is then the pair norm, for any position)."""
+    caches = [attention.inputs[i] if len(attention.inputs) > i else None for i in (7, 8)]
+    if any(value is None or value.const_value is None for value in caches):
+        return None
+    return rope_frequencies(*(read_initializer(value, lambda a: a.astype(np.float64)) for value in caches))
+
+
+def _build_kv_cache(ctx: StageContext) -> list[ir.passes.PassBase]:
+    kv = ctx.settings.kv_cache
+    scales = {name: cache_scale(observer, kv.dtype, kv.granularity, kv.method, kv.percentile)
+              for name, observer in ctx.state.pop("kv_observers").items()}
+    keys = [scale for name, scale in scales.items() if name.endswith("key")]
+    values = [scale for name, scale in scales.items() if not name.endswith("key")]
+    if keys and values:
+        log.info("KV cache %s (%s): k_scale %.3g..%.3g, v_scale %.3g..%.3g", kv.scheme, kv.method,
+                 min(s.min() for s in keys), max(s.max() for s in keys), min(s.min() for s in values),
+                 max(s.max() for s in values))
+    return [QuantizeKVCachePass(scales, kv.dtype, kv.granularity, ctx.folder.head_size)]
+
+
 # R1 and SmoothQuant fold into norm weights; a plain decoder gets its norms fused first.
 FUSE_NORMS = Stage("fuse_norms", lambda s: s.fuse_norms or s.rotation is not None or s.sq_alpha is not None, lambda ctx: [],
                    _build_norm_fusion, checkpoint=True)
@@ -625,7 +678,9 @@ R4 = Stage("r4", lambda s: s.r4, _prepare_r4, _build_r4, checkpoint=True)
 HADAMARD_GROUPS = Stage("hadamard_groups", lambda s: s.hadamard_group_size is not None, _prepare_hadamard_groups,
                         _build_hadamard_groups, checkpoint=True)
 QUANTIZE = Stage("quantize", lambda s: not s.skip_quantization, _prepare_quantization, _build_quantization, checkpoint=False)
-STAGES = (FUSE_NORMS, ROTATE, SMOOTH, R4, HADAMARD_GROUPS, QUANTIZE)
+KV_CACHE = Stage("kv_cache", lambda s: s.kv_cache is not None, _prepare_kv_cache, _build_kv_cache, checkpoint=False,
+                 joins="quantize")
+STAGES = (FUSE_NORMS, ROTATE, SMOOTH, R4, HADAMARD_GROUPS, QUANTIZE, KV_CACHE)
 
 
 def scratch_copies(settings: QuantizeSettings) -> int:
@@ -694,10 +749,21 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
     # A float stage's changes reach the disk only when something reads them there: the next
     # calibration pass, or --verify's probe after each stage (a 7 GB write saved at 1.5B otherwise).
     unsaved = False
-    for number, stage in enumerate(s for s in recipe if s.applies(settings)):
-        ctx.state = {}
-        with times.phase(f"{stage.name}_prepare"):
-            observations = stage.prepare(ctx)
+    applied = [s for s in recipe if s.applies(settings)]
+    joined_states: dict[str, dict] = {}  # a stage prepared ahead, its observers in the previous stage's pass
+    for number, stage in enumerate(applied):
+        if stage.name in joined_states:
+            ctx.state, observations = joined_states.pop(stage.name), []
+        else:
+            ctx.state = {}
+            with times.phase(f"{stage.name}_prepare"):
+                observations = stage.prepare(ctx)
+            following = applied[number + 1] if number + 1 < len(applied) else None
+            if following is not None and following.joins == stage.name:
+                own_state, ctx.state = ctx.state, {}
+                with times.phase(f"{following.name}_prepare"):
+                    observations = observations + following.prepare(ctx)
+                joined_states[following.name], ctx.state = ctx.state, own_state
         if observations:
             if unsaved:
                 checkpoint(f"stage{number}-before-{stage.name}", f"checkpoint_before_{stage.name}")

@@ -10,7 +10,8 @@ import onnxruntime as ort
 
 from onnxquant.genai_folder import GenAIFolder
 
-_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+                 "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
 
 
 def usable_cores() -> int:
@@ -53,7 +54,9 @@ def prefill_feeds(specs: list[tuple[str, type]], folder: GenAIFolder, ids: np.nd
             feeds[name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
         elif name in past:
             capacity = folder.kv_capacity(seq) if folder.sliding_window else 0
-            feeds[name] = np.zeros((batch, folder.num_kv_heads, capacity, folder.head_size), dtype=dtype)
+            # A quantized int4 cache (uint8) packs two values per byte (onnxquant.passes.quantize_kv_cache).
+            width = (folder.head_size + 1) // 2 if dtype == np.uint8 else folder.head_size
+            feeds[name] = np.zeros((batch, folder.num_kv_heads, capacity, width), dtype=dtype)
         else:
             raise ValueError(f"unexpected graph input {name!r}; the folder is not an ORT-GenAI decoder")
     return feeds

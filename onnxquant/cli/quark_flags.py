@@ -12,7 +12,7 @@ import dataclasses
 
 from onnxquant.errors import fail
 from onnxquant.emitters.qdq import has_column_scales
-from onnxquant.recipes import Grid, HadamardGroups, Override, Quantize, R4, Recipe, Rotate, Smooth, load_recipe
+from onnxquant.recipes import Grid, HadamardGroups, KVCache, Override, Quantize, R4, Recipe, Rotate, Smooth, load_recipe
 from onnxquant.recipes.schema import HADAMARD_GROUP_SIZES, STAGE_TYPES
 from onnxquant.algorithms.registry import algorithms
 from onnxquant.schemes import COLUMN_SCALE_PLACEMENTS, SCHEMES, uint8_blocks
@@ -70,6 +70,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add("--sq_alpha", default=None,
         help="SmoothQuant migration strength in (0, 1) (default: the scheme's), or auto: each activation's alpha "
              "from 0.3..0.8 by the modelled output error of its readers (weight and activation grids, calibration Hessian)")
+    add("--kv_cache_quant_scheme", choices=KV_CACHE_SCHEMES, default=None,
+        help="quantize the KV cache inside GroupQueryAttention, as the ORT-GenAI builder's option of this name does "
+             "(calibrated scales on post-RoPE K and V; int4 packs two values per byte); none keeps it float. fp8 needs "
+             "a folder exported for cuda. With --skip_quantization only the cache is quantized")
+    add("--kv_cache_calib_method", default=None,
+        help="KV cache thresholds: minmax (default), percentile+<p> (per channel, e.g. percentile+99.99) or mse")
+    add("--no_kv_rotary_envelope", action="store_true",
+        help="calibrate K on its post-RoPE values as the window has them, not on each RoPE pair's norm (which bounds "
+             "K at every position, also past the calibration window)")
     add("--skip_quantization", action="store_true", help="run only the graph passes; write a float model")
     add("--overwrite", action="store_true", help="replace a non-empty output folder")
     add("--verify", action="store_true", help="also check that each float stage (rotation, smoothing, Hadamard groups) left the logits exact")
@@ -81,6 +90,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
              "MB of weights each (a model within it runs whole), which bounds memory on large models")
 
 
+KV_CACHE_SCHEMES = ("none", *(f"{dtype}_{granularity}" for dtype in ("int8", "int4", "fp8")
+                                for granularity in ("per_tensor", "per_channel")))
+
+
 def given_flags(parser_factory, argv: list[str]) -> set[str]:
     """The destinations of the flags `argv` gives (a parser whose defaults are all suppressed)."""
     parser = parser_factory()
@@ -89,7 +102,7 @@ def given_flags(parser_factory, argv: list[str]) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def _calib_method(value: str) -> dict:
+def _calib_method(value: str, flag: str = "--calib_method") -> dict:
     if value in ("minmax", "mse"):
         return {"method": value}
     head, _, number = value.partition("+")
@@ -98,7 +111,7 @@ def _calib_method(value: str) -> dict:
     except ValueError:
         percentile = -1.0
     if not 50.0 < percentile <= 100.0:
-        fail(f"--calib_method {value!r} is not minmax, mse or percentile+<p> with p in (50, 100], e.g. percentile+99.999")
+        fail(f"{flag} {value!r} is not minmax, mse or percentile+<p> with p in (50, 100], e.g. percentile+99.999")
     return {"method": "percentile", "percentile": percentile}
 
 
@@ -112,6 +125,28 @@ def _alpha(value: str) -> float | str:
     if not 0.0 < alpha < 1.0:
         fail(f"--sq_alpha must be between 0 and 1 (exclusive) or auto, got {value}")
     return alpha
+
+
+def _apply_kv_cache_flags(args: argparse.Namespace, given: set[str], stages: dict) -> None:
+    """--kv_cache_quant_scheme adds, replaces or (none) drops the kv_cache stage; the other KV flags change it."""
+    tuning = [flag for flag in ("kv_cache_calib_method", "no_kv_rotary_envelope") if flag in given]
+    if "kv_cache_quant_scheme" in given:
+        if args.kv_cache_quant_scheme == "none":
+            if tuning:
+                fail(f"--{tuning[0]} applies to a quantized KV cache; drop it or pass a --kv_cache_quant_scheme other than none")
+            stages.pop(KVCache.name, None)
+            return
+        dtype, _, granularity = args.kv_cache_quant_scheme.partition("_")
+        stages[KVCache.name] = dataclasses.replace(stages.get(KVCache.name) or KVCache(), dtype=dtype, granularity=granularity)
+    elif tuning and KVCache.name not in stages:
+        fail(f"--{tuning[0]} applies to a quantized KV cache; add --kv_cache_quant_scheme (e.g. int8_per_channel)")
+    if "kv_cache_calib_method" in given:
+        method = _calib_method(args.kv_cache_calib_method, "--kv_cache_calib_method")
+        if method["method"] == "mse" and stages[KVCache.name].dtype == "fp8":
+            fail("--kv_cache_calib_method mse models integer rounding, not fp8's; use minmax or percentile+<p>")
+        stages[KVCache.name] = dataclasses.replace(stages[KVCache.name], **method)
+    if args.no_kv_rotary_envelope:
+        stages[KVCache.name] = dataclasses.replace(stages[KVCache.name], rotary_envelope=False)
 
 
 def recipe_from_flags(args: argparse.Namespace, given: set[str]) -> Recipe:
@@ -199,6 +234,7 @@ def recipe_from_flags(args: argparse.Namespace, given: set[str]) -> Recipe:
         stages[HadamardGroups.name] = HadamardGroups(args.hadamard_group_size)
     if args.include_r4:
         stages[R4.name] = R4()
+    _apply_kv_cache_flags(args, given, stages)
     if "collapse_ratio" in given and (args.collapse_ratio < 0 or 0 < args.collapse_ratio <= 1):
         fail(f"--collapse_ratio must be above 1 (or 0 to turn the check off), got {args.collapse_ratio}")
     if "segment_mb" in given and not 0 < args.segment_mb < float("inf"):

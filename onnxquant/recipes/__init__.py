@@ -8,10 +8,10 @@ from importlib import resources
 from pathlib import Path
 
 from onnxquant.recipes.schema import (METADATA_KEYS, RECIPE_VERSION, Algorithm, CalibrationData, FuseNorms, Grid,
-                                      HadamardGroups, Lowering, Observer, Override, Quantize, R4, Recipe, RecipeError,
+                                      HadamardGroups, KVCache, Lowering, Observer, Override, Quantize, R4, Recipe, RecipeError,
                                       Rotate, Smooth, Verify)
 
-__all__ = ["Algorithm", "BuiltinRecipe", "CalibrationData", "FuseNorms", "Grid", "HadamardGroups", "Lowering",
+__all__ = ["Algorithm", "BuiltinRecipe", "CalibrationData", "FuseNorms", "Grid", "HadamardGroups", "KVCache", "Lowering",
            "METADATA_KEYS", "Observer", "Override", "Quantize", "R4", "RECIPE_VERSION", "Recipe", "RecipeError",
            "Rotate", "Smooth", "Verify", "builtin_recipes", "load_recipe"]
 

@@ -289,8 +289,38 @@ class Quantize:
         return Calibration(o.method, o.percentile, o.moving_average, o.averaging_constant)
 
 
+@dataclass(frozen=True)
+class KVCache:
+    """The KV cache quantized inside com.microsoft.GroupQueryAttention, as the ORT-GenAI builder's
+    `kv_cache_quant_scheme` makes it: post-RoPE K and V each stored as `dtype` (int4 packed two to a byte)
+    with symmetric float32 scales, one per layer (`per_tensor`) or one per KV channel (`per_channel`),
+    scale = threshold / qmax (qmax 128 int8, 8 int4, 448 fp8). The thresholds come from the model's
+    present.* outputs on the calibration samples: their absolute maximum (`minmax`), the `percentile` of
+    |x| per channel, or the clip minimizing the round-trip error (`mse`). `rotary_envelope` calibrates K on
+    each RoPE pair's norm, which bounds it at every position, not only those of the calibration window.
+    fp8 is written for the provider genai_config.json names (CUDA); ORT's CPU provider has no kernel for it."""
+
+    name: ClassVar[str] = "kv_cache"
+    dtype: Literal["int8", "int4", "fp8"] = "int8"
+    granularity: Literal["per_tensor", "per_channel"] = "per_channel"
+    method: Literal["minmax", "percentile", "mse"] = "minmax"
+    percentile: float = 99.99  # method percentile: the percentile of |x| per channel
+    rotary_envelope: bool = True
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise _Invalid(f"must be in (50, 100], got {self.percentile}", "percentile")
+        if self.method == "mse" and self.dtype == "fp8":
+            raise _Invalid("mse models integer rounding, not fp8's; use minmax or percentile", "method")
+
+    @property
+    def scheme(self) -> str:
+        """The builder's name of this cache (`kv_cache_quant_scheme`), e.g. int8_per_channel."""
+        return f"{self.dtype}_{self.granularity}"
+
+
 # Stages in the order they may appear, each at most once; the reason each pair is ordered so.
-STAGE_TYPES = {cls.name: cls for cls in (FuseNorms, Rotate, Smooth, R4, HadamardGroups, Quantize)}
+STAGE_TYPES = {cls.name: cls for cls in (FuseNorms, Rotate, Smooth, R4, HadamardGroups, Quantize, KVCache)}
 ORDER_RULES = (
     ("fuse_norms", "rotate", "R1 folds the norms' weights, which a plain decoder has only once they are fused"),
     ("fuse_norms", "smooth", "SmoothQuant folds its scales into fused norm weights"),
@@ -302,8 +332,12 @@ ORDER_RULES = (
     ("fuse_norms", "quantize", "quantize is the last stage"), ("rotate", "quantize", "quantize is the last stage"),
     ("smooth", "quantize", "quantize is the last stage"), ("r4", "quantize", "quantize is the last stage"),
     ("hadamard_groups", "quantize", "quantize is the last stage"),
+    # The cache holds K and V as the finished graph computes them: calibrated after every stage that changes
+    # them (Hadamard groups fold o_proj's rotation into V) and rewritten last.
+    *((stage, "kv_cache", "the KV cache is quantized last, on K and V as the stages before it leave them")
+      for stage in ("fuse_norms", "rotate", "smooth", "r4", "hadamard_groups", "quantize")),
 )
-Stage = Union[FuseNorms, Rotate, Smooth, R4, HadamardGroups, Quantize]
+Stage = Union[FuseNorms, Rotate, Smooth, R4, HadamardGroups, Quantize, KVCache]
 
 
 @dataclass(frozen=True)
