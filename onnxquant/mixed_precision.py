@@ -67,7 +67,7 @@ class Budget:
         if self.max_size_mb is not None and not self.max_size_mb > 0:
             fail(f"--max_size_mb must be a positive size in MB, got {self.max_size_mb:g}")
         if self.windows < 1 or self.max_points < 2 or self.window_tokens < 2:
-            fail("the budget's windows must be at least 1 and max_points at least 2")
+            fail("the budget's windows must be at least 1, window_tokens at least 2 and max_points at least 2")
 
     def describe(self) -> str:
         if self.max_delta is not None:
@@ -167,9 +167,9 @@ def stored_bytes(op: str, spec: QuantSpec | None, k: int, n: int) -> int:
 
 def candidate_for(op: str, spec: QuantSpec | None) -> QuantSpec | None:
     """The grid a candidate gives an embedding (8 bits: int8 rows, as the plan's overrides do)."""
-    from onnxquant.plan import _embedding_spec
+    from onnxquant.plan import embedding_spec
 
-    return spec if spec is None or op == "MatMul" else _embedding_spec(spec)
+    return spec if spec is None or op == "MatMul" else embedding_spec(spec)
 
 
 @dataclass
@@ -236,8 +236,7 @@ def node_options(ctx, plan, candidates: tuple[QuantSpec | None, ...], hessians, 
 
     # Nodes are modelled on one thread per core; numpy's products release the GIL.
     with ThreadPoolExecutor(usable_cores()) as pool, threadpool_limits(1, user_api="blas"):
-        result = list(tqdm(pool.map(options, names), total=len(names), desc="modelling formats", unit="node"))
-    return result
+        return list(tqdm(pool.map(options, names), total=len(names), desc="modelling formats", unit="node"))
 
 
 # --- allocation ----------------------------------------------------------------------------------
@@ -315,12 +314,13 @@ def scale_errors_by_measurement(options: list[NodeOptions], ends: list[int], sma
 def chosen_overrides(options: list[NodeOptions], choice: list[int], scheme):
     """Recipe overrides that give every node its chosen format: one per format, naming its nodes by an
     anchored regular expression (only nodes whose format differs from what the recipe gives them)."""
+    from onnxquant.plan import embedding_weights
     from onnxquant.recipes import Grid, Override
 
     by_format: dict[QuantSpec | None, list[str]] = {}
     for o, i in zip(options, choice):
         spec = o.specs[i]
-        current = scheme.node_format(o.name).weights if o.op == "MatMul" else _planned_embedding_spec(scheme, o.name)
+        current = scheme.node_format(o.name).weights if o.op == "MatMul" else embedding_weights(scheme, o.name)
         if spec != current:
             by_format.setdefault(spec, []).append(o.name)
     overrides = []
@@ -328,16 +328,6 @@ def chosen_overrides(options: list[NodeOptions], choice: list[int], scheme):
         match = "re:^(?:" + "|".join(re.escape(name) for name in sorted(names)) + ")$"
         overrides.append(Override(match, keep_float=True) if spec is None else Override(match, weights=Grid.of(spec)))
     return tuple(overrides)
-
-
-def _planned_embedding_spec(scheme, name: str) -> QuantSpec | None:
-    from onnxquant.plan import _embedding_spec
-
-    spec = scheme.embedding
-    for override in scheme.overrides:
-        if override.matches(name) and (override.keep_float or override.weights is not None):
-            spec = None if override.keep_float else _embedding_spec(override.weights)
-    return spec
 
 
 def format_counts(options: list[NodeOptions], choice: list[int]) -> dict[str, int]:
@@ -443,7 +433,7 @@ class PlanSearch:
         self.result = SearchResult(budget)
         self.chosen_recipe = recipe
         self.quality = None
-        self.choices: dict[int, list[int]] = {}  # id(measured point) -> its allocation
+        self.measured: dict[tuple[int, ...], tuple[MeasuredPoint, Path]] = {}  # allocation -> its point and folder
 
     def __call__(self, ctx, output_model: Path, times) -> None:
         from onnxquant import recipes
@@ -465,7 +455,7 @@ class PlanSearch:
         fixed = [self.unplanned_bytes(ctx.model.graph, plan)]
         rounder_cache = CachedRounder(ctx.scratch / "rounded")
         trials = ctx.scratch / "points"
-        measured: dict[tuple[int, ...], tuple[MeasuredPoint, Path]] = {}
+        measured = self.measured
 
         def measure(choice: list[int]) -> MeasuredPoint:
             key = tuple(choice)
@@ -495,7 +485,6 @@ class PlanSearch:
             fixed[0] = point.size_mb * 1e6 - sum(o.sizes[i] for o, i in zip(options, choice))
             log.debug("point %d: bytes outside the modelled weights %d", len(measured), fixed[0])
             measured[key] = (point, folder)
-            self.choices[id(point)] = list(choice)
             self.result.points.append(point)
             log.info("mixed precision point %d: %s", len(self.result.points), point.summary())
             return point
@@ -570,7 +559,7 @@ class PlanSearch:
                  f"{math.ceil(closest.delta * 1000) / 10:g}% or add float to quantize.candidates")
         best = min((p for p in self.result.points if p.delta <= limit), key=lambda p: p.size_mb)
         low = max((p for p in self.result.points if p.delta > limit and p.size_mb < best.size_mb), key=lambda p: p.size_mb)
-        best_choice = self.choices[id(best)]
+        best_choice = next(list(key) for key, (point, _) in self.measured.items() if point is best)
         low_point, high_point = low, best
         floor = 1e-4
         while len(self.result.points) < self.budget.max_points:

@@ -551,12 +551,11 @@ def hessian_tokens(ctx: StageContext) -> dict[str, int]:
 
 
 def quantize_pass(ctx: StageContext, plan: QuantPlan, ranges: dict[str, tuple[float, float]],
-                  hessians: SpillingStore | None, keep_hessians: bool = False, rounder=None) -> QuantizeGraphPass:
+                  hessians: SpillingStore | None, keep_hessians: bool = False) -> QuantizeGraphPass:
     """The pass that writes `plan` into the model, rounding each weight with its node's algorithm."""
     scheme = ctx.settings.scheme
-    if rounder is None:
-        rounder = _WeightRounder(plan, hessians if ctx.settings.rounds_with_hessians else None, ctx.settings.gptq,
-                                 keep_hessians)
+    rounder = _WeightRounder(plan, hessians if ctx.settings.rounds_with_hessians else None, ctx.settings.gptq,
+                             keep_hessians)
     description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}
     if ctx.report.kept_float:
         description["kept_float"] = ctx.report.kept_float

@@ -61,10 +61,7 @@ def plan_quantization(graph: ir.Graph, scheme: QuantScheme, include_embedding: b
             plan.nodes[node.name] = PlannedNode(node.name, "MatMul", chosen.weights, chosen.algo, chosen.accuracy_level)
             plan.activations.setdefault(node.inputs[0].name, []).append(node.name)
         elif include_embedding and plan.embedding is None and is_embedding_gather(node) and scheme.embedding is not None:
-            spec = scheme.embedding
-            for override in scheme.overrides:
-                if override.matches(node.name) and (override.keep_float or override.weights is not None):
-                    spec = None if override.keep_float else _embedding_spec(override.weights)
+            spec = embedding_weights(scheme, node.name)
             if spec is None:
                 continue
             # The embedding has no input to take a Hessian of: a Hessian algorithm rounds it to nearest.
@@ -74,7 +71,16 @@ def plan_quantization(graph: ir.Graph, scheme: QuantScheme, include_embedding: b
     return plan
 
 
-def _embedding_spec(matmul_spec: QuantSpec) -> QuantSpec:
+def embedding_weights(scheme: QuantScheme, name: str) -> QuantSpec | None:
+    """The embedding `name`'s grid after the overrides that set weights or keep it float (None: float)."""
+    spec = scheme.embedding
+    for override in scheme.overrides:
+        if override.matches(name) and (override.keep_float or override.weights is not None):
+            spec = None if override.keep_float else embedding_spec(override.weights)
+    return spec
+
+
+def embedding_spec(matmul_spec: QuantSpec) -> QuantSpec:
     """An override written for MatMuls applied to the embedding: 8 bits become int8 rows, 4-bit
     blocks stay blocks along the hidden axis."""
     if matmul_spec.bits == 8:
