@@ -30,7 +30,7 @@ from onnxquant.recipes import CalibrationData, KVCache, Recipe, RecipeError, loa
 if TYPE_CHECKING:
     from onnxquant.mixed_precision import Budget, SearchResult
     from onnxquant.pipeline import QuantizeReport
-    from onnxquant.verification import QualityReport
+    from onnxquant.verification import Int8ActivationReport, QualityReport
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class QuantizeResult:
     report: "QuantizeReport"  # per-stage details (nodes quantized, alphas chosen, calibration passes)
     summary_line: str  # the one-line summary the CLI prints
     search: "SearchResult | None" = None  # a budget's search (mixed precision): the points it measured
+    int8_activations: "Int8ActivationReport | None" = None  # accuracy_level 4 against level 0 (None: no node at 4)
 
     def to_dict(self) -> dict:
         """Plain data (JSON-ready): paths as text, the recipe in its file form."""
@@ -60,7 +61,8 @@ class QuantizeResult:
         return {"output": str(self.output), "recipe": self.recipe.to_dict(), "size_mb": self.size_mb,
                 "standard_size_mb": self.standard_size_mb, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
                 "phase_seconds": self.phase_seconds, "quality": quality, "exact_errors": self.exact_errors,
-                "summary_line": self.summary_line, "search": None if self.search is None else self.search.to_dict()}
+                "summary_line": self.summary_line, "search": None if self.search is None else self.search.to_dict(),
+                "int8_activations": None if self.int8_activations is None else dataclasses.asdict(self.int8_activations)}
 
     @property
     def degraded(self) -> bool:
@@ -197,7 +199,7 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
                             held_out_windows(ids[calibrated * calib.seq_len:], 0, window_tokens, windows))
                 verifier = RunVerifier(folder, *held_out,
                                        verify.exact_checks, settings.segment_bytes)
-    quality, search = None, None
+    quality, search, int8_activations = None, None, None
     if budget is not None:
         from onnxquant.mixed_precision import PlanSearch
 
@@ -227,6 +229,9 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
         elif verifier is not None and quantizes and checkable:
             with times.phase("verify_result"):
                 quality = collapse_guard(verifier.quality(staging / output_name), recipe, settings)
+        if verifier is not None and quantizes and checkable:
+            with times.phase("verify_int8_activations"):
+                int8_activations = int8_activation_guard(verifier, staging / output_name, recipe)
     size_mb = model_bytes(output_dir, output_name) / 1e6
     standard_mb = model_bytes(output_dir, standard_model_name(output_name)) / 1e6
     peak = peak_rss_mb()
@@ -237,9 +242,30 @@ def _quantize(folder, output_dir: Path, output_name: str, recipe: Recipe, record
         from onnxquant.kv_cache import cache_size
 
         summary += " " + cache_size(folder, kv_cache.dtype).summary()
+    if int8_activations is not None:
+        summary += f" int8_activation_agreement={int8_activations.agreement:.3f} int8_activation_kl={int8_activations.kl_mean:.4f}"
     return QuantizeResult(output_dir / output_name, recipe, size_mb, standard_mb, report.seconds, peak,
                           dict(times.seconds), quality, dict(verifier.exact_errors) if verifier else {}, report, summary,
-                          None if search is None else search.result)
+                          None if search is None else search.result, int8_activations)
+
+
+def int8_activation_guard(verifier, model_file: Path, recipe: Recipe):
+    """Refuse (Int8ActivationError, exit 3) a result whose accuracy_level-4 MatMulNBits pick other tokens than the
+    same weights with float activations, beyond the recipe's verify bounds, unless verify.allow_degraded keeps it."""
+    from onnxquant.verification import Int8ActivationError, int8_activation_message
+
+    report = verifier.int8_activations(model_file)
+    if report is None:
+        return None
+    log.info("%s", report.summary())
+    bounds = recipe.verify
+    if report.agreement < bounds.int8_activation_agreement or not report.kl_mean <= bounds.int8_activation_kl:
+        message = int8_activation_message(report, bounds.int8_activation_agreement, bounds.int8_activation_kl,
+                                          len(verifier.windows))
+        if not bounds.allow_degraded:
+            raise Int8ActivationError(message)
+        log.warning("%s; kept because verify.allow_degraded is set", message)
+    return report
 
 
 def collapse_guard(quality, recipe: Recipe, settings):

@@ -388,6 +388,9 @@ def check_budget(budget: Budget, recipe, settings, folder) -> None:
              "kv_cache stage, then quantize with OUT/quantization_recipe.yaml and --kv_cache_quant_scheme")
     if settings.exclude_most_sensitive:
         fail("--max_delta / --max_size_mb choose which nodes stay float themselves; drop --exclude_most_sensitive")
+    if settings.scheme.tied_embedding == "shared":
+        fail("--max_delta / --max_size_mb choose the embedding's and lm_head's formats apart, so their table is not "
+             "shared; use tied_embedding: auto (the search then writes them separately)")
     candidates = candidates_of(recipe, settings.scheme)
     for spec in candidates:
         check_lowering(spec, settings.scheme)

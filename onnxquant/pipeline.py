@@ -55,8 +55,9 @@ from onnxquant.passes.fold_channel_scales import scaled_activation_name
 from onnxquant.passes.fuse_norm_ops import FUSED_NORMS_METADATA_KEY, FuseNormOpsPass
 from onnxquant.passes.online_hadamard import OnlineHadamardPass, r4_activations
 from onnxquant.passes.quantize_kv_cache import QuantizeKVCachePass
-from onnxquant.patterns import GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, constant_weight, nodes_by_name
-from onnxquant.plan import QuantPlan, plan_quantization, unmatched_patterns
+from onnxquant.patterns import (GROUPS_IN_R1_KEY, QUANT_METADATA_KEY, R4_METADATA_KEY, ROTATION_METADATA_KEY, consumers,
+                                constant_weight, find_tied_embedding, is_const_matmul, nodes_by_name)
+from onnxquant.plan import QuantPlan, plan_quantization, tie_refusal, unmatched_patterns
 from onnxquant import recipes
 from onnxquant.rotation_config import load_rotation_config, plain_decoder_pairs, refuse_sandwich_norms, resolve_pairs
 from onnxquant.runtime import usable_cores
@@ -195,6 +196,7 @@ class StageContext:
     ranges: dict[str, tuple[float, float]] | None = None
     hessians: SpillingStore | None = None
     hessian_tokens: dict[str, int] | None = None
+    tied_lm_head: str | None = None  # the MatMul whose weight the embedding still read as Transpose(W) at quantize time
     state: dict = field(default_factory=dict)  # what a stage's prepare hands to its build
 
 
@@ -259,7 +261,7 @@ ONE_PASS_BUDGET_BYTES = 512 * 1024 * 1024
 
 
 def _plan(ctx: StageContext) -> QuantPlan:
-    return plan_quantization(ctx.model.graph, ctx.settings.scheme)
+    return plan_quantization(ctx.model.graph, ctx.settings.scheme, tied_lm_head=ctx.tied_lm_head)
 
 
 def _records_extrema(ctx: StageContext, plan: QuantPlan) -> bool:
@@ -459,7 +461,16 @@ def _observe_hessians(ctx: StageContext, plan: QuantPlan) -> list[Observation]:
     return list(observers.items())
 
 
+def _tied_lm_head(graph: ir.Graph) -> str | None:
+    """The MatMul that reads the weight a tied embedding gathers from (Gather(Transpose(W)))."""
+    found = find_tied_embedding(graph)
+    readers = [node for node in consumers(found[2]) if is_const_matmul(node)] if found is not None else []
+    return readers[0].name if len(readers) == 1 else None
+
+
 def _prepare_quantization(ctx: StageContext) -> list[Observation]:
+    # The tie is read before untying: no earlier stage changed lm_head's weight apart from the table.
+    ctx.tied_lm_head = _tied_lm_head(ctx.model.graph)
     UntieEmbeddingsPass()(ctx.model)
     scheme = ctx.settings.scheme
     unmatched = unmatched_patterns(ctx.model.graph, scheme)
@@ -467,6 +478,9 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
         fail(f"override pattern {unmatched[0]!r} (quantize.overrides[].match, --exclude, --int8_nodes) matches no node "
              f"(MatMul or embedding) in {ctx.folder.model_file}; check the node name")
     plan = _plan(ctx)
+    if ctx.settings.scheme.tied_embedding == "shared" and (reason := tie_refusal(plan, ctx.tied_lm_head)) is not None:
+        fail(f"tied_embedding: shared cannot apply to {ctx.folder.model_file}: {reason}; use tied_embedding: auto "
+             "(or --tied_embedding auto)")
     ctx.state["plan"] = plan
     observations: list[Observation] = []
     if scheme.static_activations and (ctx.ranges is None or set(ctx.ranges) != set(plan.activations)):

@@ -4,11 +4,14 @@ Every MatMul with a constant 2-D float weight is planned with the scheme's weigh
 per-node overrides (an override to None keeps it in float). Readers of one activation form one
 `ActivationGroup` (the fused q/k/v projection; gate and up share the norm output), which shares a
 Q/DQ pair, one SmoothQuant/AWQ scale and one Hessian. The token embedding Gather is planned with
-the scheme's embedding grid. Emitters (onnxquant.emitters) then write what the plan says.
+the scheme's embedding grid; when it is tied to lm_head (the builder's Gather over lm_head's transposed
+weight) and both get the same 4-bit block grid, it reads lm_head's table (`shares`) unless the scheme's
+`tied_embedding` is "separate". Emitters (onnxquant.emitters) then write what the plan says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
@@ -26,6 +29,7 @@ class PlannedNode:
     weights: QuantSpec
     algo: str = "rtn"  # the weight algorithm that rounds it (onnxquant.algorithms.registry)
     accuracy_level: int = 0  # MatMulNBits only
+    shares: str | None = None  # Gather only: the MatMul whose quantized table it reads (a tied embedding)
 
 
 @dataclass
@@ -45,13 +49,18 @@ class QuantPlan:
         """This plan with the MatMuls `names` left in float (an activation none of whose readers is
         left quantized loses its Q/DQ too)."""
         dropped = set(names)
+        nodes = {name: dataclasses.replace(node, shares=None) if node.shares in dropped else node
+                 for name, node in self.nodes.items() if name not in dropped}
         activations = {activation: [r for r in readers if r not in dropped] for activation, readers in self.activations.items()}
-        return QuantPlan({name: node for name, node in self.nodes.items() if name not in dropped},
+        return QuantPlan(nodes,
                          {activation: readers for activation, readers in activations.items() if readers},
                          self.activation_spec, self.embedding)
 
 
-def plan_quantization(graph: ir.Graph, scheme: QuantScheme, include_embedding: bool = True) -> QuantPlan:
+def plan_quantization(graph: ir.Graph, scheme: QuantScheme, include_embedding: bool = True,
+                      tied_lm_head: str | None = None) -> QuantPlan:
+    """The plan of `graph` under `scheme`; `tied_lm_head` names the MatMul whose weight the embedding
+    table is the transpose of (its tie found before untying), for a shared table."""
     plan = QuantPlan(activation_spec=scheme.activations)
     for node in graph:
         if is_const_matmul(node):
@@ -68,7 +77,26 @@ def plan_quantization(graph: ir.Graph, scheme: QuantScheme, include_embedding: b
             algo = scheme.algo if not get_algorithm(scheme.algo).needs_hessians else "rtn"
             plan.nodes[node.name] = PlannedNode(node.name, "Gather", spec, algo)
             plan.embedding = node.name
+    if tied_lm_head is not None and scheme.tied_embedding != "separate" and tie_refusal(plan, tied_lm_head) is None:
+        embedding = plan.nodes[plan.embedding]
+        plan.nodes[plan.embedding] = dataclasses.replace(embedding, shares=tied_lm_head)
     return plan
+
+
+def tie_refusal(plan: QuantPlan, tied_lm_head: str | None) -> str | None:
+    """Why the plan's embedding cannot read lm_head's quantized table (None: it can). GatherBlockQuantized
+    reads MatMulNBits' 4-bit layout: rows of the table are lm_head's output columns, blocks run along hidden."""
+    if tied_lm_head is None:
+        return "the embedding is not tied to lm_head (it has its own table, or a rotation or smoothing stage untied them)"
+    embedding = plan.nodes.get(plan.embedding) if plan.embedding is not None else None
+    lm_head = plan.nodes.get(tied_lm_head)
+    if embedding is None or lm_head is None:
+        return "the embedding and lm_head are not both quantized"
+    if lm_head.weights.granularity != "per_block" or lm_head.weights.bits != 4 or lm_head.weights.is_float:
+        return f"lm_head is not on a 4-bit integer block grid ({lm_head.weights.dtype} {lm_head.weights.granularity})"
+    if dataclasses.replace(embedding.weights, pair_safe=False) != dataclasses.replace(lm_head.weights, pair_safe=False):
+        return "the embedding's grid differs from lm_head's (an override sets one of them)"
+    return None
 
 
 def embedding_weights(scheme: QuantScheme, name: str) -> QuantSpec | None:

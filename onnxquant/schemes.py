@@ -73,6 +73,7 @@ class NodeFormat:
 # ("after_matmul": the integer kernel takes one scalar scale, its fast path at one token) or handed
 # to the fused kernel as a vector ("in_kernel": no extra pass over the output, which long prompts favour).
 COLUMN_SCALE_PLACEMENTS = ("after_matmul", "in_kernel")
+TIED_EMBEDDING_CHOICES = ("auto", "shared", "separate")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class QuantScheme:
     algo: str = "rtn"  # how weights are rounded: a name in onnxquant.algorithms.registry
     accuracy_level: int = 0  # MatMulNBits compute type (4: int8 activations per block at run time)
     column_scales: str = "after_matmul"  # where per-column int8 weight scales apply (COLUMN_SCALE_PLACEMENTS)
+    tied_embedding: str = "auto"  # a tied embedding's table: "auto", "shared" with lm_head, or "separate"
 
     def __post_init__(self) -> None:
         from onnxquant.algorithms.registry import get_algorithm
@@ -98,6 +100,8 @@ class QuantScheme:
             raise ValueError("an override cannot fold scales (awq works per input group); set it for the whole scheme")
         if self.column_scales not in COLUMN_SCALE_PLACEMENTS:
             raise ValueError(f"unknown column scale placement {self.column_scales!r}")
+        if self.tied_embedding not in TIED_EMBEDDING_CHOICES:
+            raise ValueError(f"unknown tied_embedding {self.tied_embedding!r}; choose one of {', '.join(TIED_EMBEDDING_CHOICES)}")
         if (self.activations is not None and self.weights.granularity == "per_block"
                 and not (self.weights.is_float and self.activations.granularity == "per_block")):
             raise ValueError("integer blocked weights are weight-only here (MatMulNBits); drop the activation spec")

@@ -106,6 +106,20 @@ def top1_agreement(reference: Probe, candidate: Probe) -> float:
     return matches / sum(len(a) for a in reference.top1)
 
 
+class Int8ActivationError(UserError):
+    """The result's int8 activations (accuracy_level 4) change its tokens beyond the recipe's bound; nothing was written."""
+
+    exit_code = 3
+
+
+def int8_activation_message(report: Int8ActivationReport, min_agreement: float, max_kl: float, windows: int) -> str:
+    return (f"accuracy_level 4 (int8 activations at run time, {report.nodes} MatMulNBits) changes the model's tokens: "
+            f"top-1 agreement {report.agreement:.3f} with the same weights at level 0 (bound {min_agreement:g}), mean KL "
+            f"{report.kl_mean:.4f} (bound {max_kl:g}) on {windows} verification windows; quantize with accuracy_level 0 "
+            "(--accuracy_level 0), or an override with accuracy_level: 0 for the layers with outlier activations; "
+            "nothing was written (verify.allow_degraded keeps it)")
+
+
 class InexactPassError(UserError):
     """A float graph pass changed the model's logits; nothing was written. A bug, not a user mistake."""
 
@@ -119,6 +133,53 @@ def check_exact(stage: str, reference: Probe, candidate: Probe) -> float:
                                f"{EXACT_TOLERANCE:g}), so it is not exact; nothing was written; please report this "
                                "with the command line")
     return error
+
+
+def mean_kl_divergence(reference: Probe, candidate: Probe) -> float:
+    """Mean KL(reference || candidate) of the token distributions at the sampled positions (nats)."""
+    total, count = 0.0, 0
+    for a, b in zip(reference.sampled_logits, candidate.sampled_logits):
+        log_p = a - np.logaddexp.reduce(a.astype(np.float64), axis=-1, keepdims=True)
+        log_q = b - np.logaddexp.reduce(b.astype(np.float64), axis=-1, keepdims=True)
+        total += float((np.exp(log_p) * (log_p - log_q)).sum())
+        count += len(a)
+    return total / count
+
+
+INT8_ACTIVATIONS_LEVEL = 4  # MatMulNBits' accuracy_level that quantizes its input to int8 per block at run time
+
+
+def at_level_zero(model_file: Path) -> Path:
+    """A copy of `model_file`'s graph beside it (the same external data) with every MatMulNBits at accuracy_level 0:
+    the same weights with float activations."""
+    model = onnx.load(str(model_file), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+    twin = model_file.with_name(f"{model_file.stem}.level0{model_file.suffix}")
+    onnx.save(model, str(twin))
+    return twin
+
+
+def int8_activation_nodes(model_file: Path) -> int:
+    """How many MatMulNBits of the model quantize their activations (accuracy_level 4)."""
+    model = onnx.load(str(model_file), load_external_data=False)
+    return sum(1 for node in model.graph.node if node.op_type == "MatMulNBits" and any(
+        a.name == "accuracy_level" and a.i == INT8_ACTIVATIONS_LEVEL for a in node.attribute))
+
+
+@dataclass(frozen=True)
+class Int8ActivationReport:
+    """The result against the same weights with float activations, on the verification windows."""
+
+    nodes: int  # MatMulNBits at accuracy_level 4
+    agreement: float  # top-1 agreement
+    kl_mean: float  # mean KL divergence at the sampled positions (nats)
+
+    def summary(self) -> str:
+        return f"int8_activations: {self.nodes} nodes, top1_agreement={self.agreement:.3f} kl_mean={self.kl_mean:.4f} vs level 0"
 
 
 @dataclass(frozen=True)
@@ -165,6 +226,7 @@ class RunVerifier:
         self.segment_bytes = segment_bytes
         self.reference = self._probe(folder.model_file)
         self.exact_errors: dict[str, float] = {}
+        self.last_probe: tuple[Path, Probe] | None = None
 
     def after_stage(self, stage: str, model_file: Path) -> None:
         if self.exact_checks:
@@ -172,8 +234,26 @@ class RunVerifier:
 
     def quality(self, model_file: Path) -> QualityReport:
         result = self._probe(model_file)
+        self.last_probe = (model_file, result)
         return QualityReport(self.reference.perplexity, result.perplexity, top1_agreement(self.reference, result),
                              self.held_out)
+
+    def int8_activations(self, model_file: Path) -> Int8ActivationReport | None:
+        """`model_file` (its MatMulNBits at accuracy_level 4) against itself at level 0; None when no node is at 4.
+        ORT's level-4 kernels quantize each block of the input to int8 at run time, which a large activation
+        outlier turns into wrong tokens (onnxruntime #29849)."""
+        nodes = int8_activation_nodes(model_file)
+        if not nodes:
+            return None
+        last = self.last_probe
+        result = last[1] if last is not None and last[0] == model_file else self._probe(model_file)
+        twin = at_level_zero(model_file)
+        try:
+            float_activations = self._probe(twin)
+        finally:
+            twin.unlink()
+        return Int8ActivationReport(nodes, top1_agreement(float_activations, result),
+                                    mean_kl_divergence(float_activations, result))
 
     def _probe(self, model_file: Path) -> Probe:
         return probe(model_file, self.folder, self.windows, self.segment_bytes)

@@ -15,7 +15,7 @@ from onnxquant.emitters.qdq import has_column_scales
 from onnxquant.recipes import Grid, HadamardGroups, KVCache, Override, Quantize, R4, Recipe, Rotate, Smooth, load_recipe
 from onnxquant.recipes.schema import HADAMARD_GROUP_SIZES, STAGE_TYPES
 from onnxquant.algorithms.registry import algorithms
-from onnxquant.schemes import COLUMN_SCALE_PLACEMENTS, SCHEMES, uint8_blocks
+from onnxquant.schemes import COLUMN_SCALE_PLACEMENTS, SCHEMES, TIED_EMBEDDING_CHOICES, uint8_blocks
 from onnxquant.spec import BLOCK_SIZES, E8M0_ROUNDINGS
 
 
@@ -34,6 +34,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help="per-channel int8 weights: apply the column scales by a Mul after an integer MatMul with one scalar "
              "scale (default; faster decode on ORT's CPU kernels) or inside the fused kernel (in_kernel; no extra "
              "pass over the output, for prefill-heavy use)")
+    add("--tied_embedding", choices=TIED_EMBEDDING_CHOICES, default=None,
+        help="a tied embedding at 4 bits: shared reads lm_head's MatMulNBits table (one copy on disk, as the builder's "
+             "shared_embeddings), separate writes its own, auto (default) shares when the model ties them and both "
+             "get the same 4-bit grid")
     add("--mx_scale_rounding", choices=E8M0_ROUNDINGS, default=None,
         help="MX schemes: E8M0 block scales by OCP's floor rule (default; a block's largest values may saturate) "
              "or rceil (the smallest power of two that does not saturate)")
@@ -194,7 +198,8 @@ def recipe_from_flags(args: argparse.Namespace, given: set[str]) -> Recipe:
         name = "clip_search"
     algorithm = dataclasses.replace(algorithm, name=name)
     lowering = dataclasses.replace(quantize.lowering, **({"accuracy_level": args.accuracy_level} if "accuracy_level" in given else {}),
-                                   **({"column_scales": args.column_scales} if "column_scales" in given else {}))
+                                   **({"column_scales": args.column_scales} if "column_scales" in given else {}),
+                                   **({"tied_embedding": args.tied_embedding} if "tied_embedding" in given else {}))
     block = scheme.weights.block_size or 128
     overrides = (*quantize.overrides, *(Override(p, weights=Grid.of(uint8_blocks(block))) for p in args.int8_nodes),
                  *(Override(p, keep_float=True) for p in args.exclude))

@@ -9,6 +9,7 @@ to the function that rewrites the node:
 - ("MatMul", "blocked"): com.microsoft MatMulNBits, 4 or 8 bits per block of K.
 - ("Gather", "rows"): int8 embedding rows gathered first and scaled after.
 - ("Gather", "blocked"): com.microsoft GatherBlockQuantized, 4-bit blocks along the hidden axis.
+- ("Gather", "shared"): GatherBlockQuantized over the tied lm_head's MatMulNBits table (written first).
 - ("MatMul", "microscaling"): float element codes (FP8 / FP4) and block scales with a blocked
   DequantizeLinear (MXFP8, MXFP4, NVFP4), standard ONNX.
 
@@ -95,6 +96,7 @@ class EmitContext:
     rounder: WeightRounder = nearest_rounder
     column_scales: str = "after_matmul"  # schemes.COLUMN_SCALE_PLACEMENTS
     ahead: RoundingAhead = field(default_factory=RoundingAhead)
+    emitted: dict[str, ir.Node] = field(default_factory=dict)  # planned node name -> the node that replaced it
 
 
 class LazyQuantized:
@@ -157,6 +159,8 @@ def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 
 def weight_format(planned: PlannedNode) -> str:
+    if planned.op == "Gather" and planned.shares is not None:
+        return "shared"
     if planned.op == "Gather":
         return "blocked" if planned.weights.granularity == "per_block" else "rows"
     if planned.weights.granularity != "per_block":
@@ -168,14 +172,15 @@ Emitter = Callable[[EmitContext, ir.Node, PlannedNode], None]
 
 
 def _registry() -> dict[tuple[str, str], Emitter]:
-    from onnxquant.emitters.gather import emit_gather_block_quantized, emit_int8_rows
+    from onnxquant.emitters.gather import emit_gather_block_quantized, emit_int8_rows, emit_shared_gather
     from onnxquant.emitters.matmul_nbits import emit_matmul_nbits
     from onnxquant.emitters.microscaling import emit_microscaling_weight
     from onnxquant.emitters.qdq import emit_qdq_weight
 
     return {("MatMul", "qdq"): emit_qdq_weight, ("MatMul", "blocked"): emit_matmul_nbits,
             ("MatMul", "microscaling"): emit_microscaling_weight,
-            ("Gather", "rows"): emit_int8_rows, ("Gather", "blocked"): emit_gather_block_quantized}
+            ("Gather", "rows"): emit_int8_rows, ("Gather", "blocked"): emit_gather_block_quantized,
+            ("Gather", "shared"): emit_shared_gather}
 
 
 EMITTERS = _registry()

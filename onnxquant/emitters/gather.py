@@ -81,11 +81,34 @@ def emit_gather_block_quantized(ctx: EmitContext, gather: ir.Node, planned: Plan
                                       shape=(vocab, -(-blocks // 2))))
     node = ir.node("GatherBlockQuantized", inputs, domain="com.microsoft", name=f"{gather.name}/GatherBlockQuantized",
                    attributes={"bits": 4, "block_size": spec.block_size, "gather_axis": 0, "quantize_axis": 1})
-    new_nodes = [node]
-    if padded != hidden:
-        starts = add_initializer(graph, f"{gather.name}/slice_starts", np.array([0], np.int64))
-        ends = add_initializer(graph, f"{gather.name}/slice_ends", np.array([hidden], np.int64))
-        axes = add_initializer(graph, f"{gather.name}/slice_axes", np.array([-1], np.int64))
-        new_nodes.append(ir.node("Slice", [node.outputs[0], starts, ends, axes], name=f"{gather.name}/Slice"))
-    _replace_output(graph, gather, new_nodes)
+    _replace_output(graph, gather, [node, *_sliced_to(graph, gather, node, hidden, padded)])
+    drop_if_unused(graph, table)
+
+
+def _sliced_to(graph: ir.Graph, gather: ir.Node, lookup: ir.Node, hidden: int, padded: int) -> list[ir.Node]:
+    """The Slice that drops the block padding of the looked-up rows (none when hidden fills whole blocks)."""
+    if padded == hidden:
+        return []
+    starts = add_initializer(graph, f"{gather.name}/slice_starts", np.array([0], np.int64))
+    ends = add_initializer(graph, f"{gather.name}/slice_ends", np.array([hidden], np.int64))
+    axes = add_initializer(graph, f"{gather.name}/slice_axes", np.array([-1], np.int64))
+    return [ir.node("Slice", [lookup.outputs[0], starts, ends, axes], name=f"{gather.name}/Slice")]
+
+
+def emit_shared_gather(ctx: EmitContext, gather: ir.Node, planned: PlannedNode) -> None:
+    """A tied table E = Wᵀ -> GatherBlockQuantized over lm_head's MatMulNBits inputs: its B [vocab, blocks,
+    blob] reshaped to [vocab, blocks * blob] (the same bytes: row v holds E[v]'s blocks), its scales and zero
+    points as they are. Nothing of the embedding's own is written; it is rounded as lm_head is."""
+    graph, spec = ctx.graph, planned.weights
+    nbits = ctx.emitted[planned.shares]
+    data, scales = nbits.inputs[1], nbits.inputs[2]
+    vocab, blocks, blob = data.shape
+    hidden = gather.inputs[0].shape[1]
+    shape = add_initializer(graph, f"{gather.name}/shared_table_shape", np.array([vocab, blocks * blob], np.int64))
+    reshape = ir.node("Reshape", [data, shape], name=f"{gather.name}/shared_table")
+    inputs = [reshape.outputs[0], gather.inputs[1], scales, *nbits.inputs[3:4]]
+    node = ir.node("GatherBlockQuantized", inputs, domain="com.microsoft", name=f"{gather.name}/GatherBlockQuantized",
+                   attributes={"bits": 4, "block_size": spec.block_size, "gather_axis": 0, "quantize_axis": 1})
+    table = gather.inputs[0]
+    _replace_output(graph, gather, [reshape, node, *_sliced_to(graph, gather, node, hidden, blocks * spec.block_size)])
     drop_if_unused(graph, table)

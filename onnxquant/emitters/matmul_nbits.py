@@ -72,6 +72,7 @@ def emit_matmul_nbits(ctx: EmitContext, matmul: ir.Node, planned: PlannedNode) -
         attributes["accuracy_level"] = accuracy_level
     node = ir.node("MatMulNBits", inputs, attributes=attributes, domain="com.microsoft", name=f"{matmul.name}_Q{spec.bits}")
     graph.insert_before(matmul, node)
+    ctx.emitted[matmul.name] = node
     output = matmul.outputs[0]
     node.outputs[0].type, node.outputs[0].shape = output.type, output.shape
     output.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)

@@ -63,7 +63,8 @@ class QuantizeGraphPass(ir.passes.InPlacePass):
                     emit_activation_microscaling(graph, readers, activation, spec)
                 elif readers:
                     emit_activation_qdq(graph, readers, activation, spec, self.ranges[activation])
-        for planned in self.plan.nodes.values():
+        # A shared table is lm_head's, so lm_head is written first.
+        for planned in sorted(self.plan.nodes.values(), key=lambda p: p.shares is not None):
             EMITTERS[(planned.op, weight_format(planned))](ctx, by_name[planned.name], planned)
             self.quantized_nodes += 1
         model.metadata_props[QUANT_METADATA_KEY] = json.dumps(self.description)

@@ -126,6 +126,10 @@ class Lowering:
 
     accuracy_level: Literal[0, 1, 2, 4] = 0  # MatMulNBits compute type (4: int8 activations per block at run time)
     column_scales: Literal["after_matmul", "in_kernel"] = "after_matmul"  # per-channel int8 weights' scales
+    # A tied embedding (Gather over lm_head's transposed weight) at 4 bits: `shared` reads lm_head's
+    # MatMulNBits table through GatherBlockQuantized, as the ORT-GenAI builder's shared_embeddings does (one
+    # copy on disk, both rounded as lm_head is); `separate` writes its own table; `auto` shares when it can.
+    tied_embedding: Literal["auto", "shared", "separate"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -269,7 +273,8 @@ class Quantize:
         try:
             return QuantScheme(base.name, base.description, weights, activations, embedding, overrides,
                                self.observer_calibration(), base.sq_alpha, self.algorithm.name,
-                               self.lowering.accuracy_level, self.lowering.column_scales)
+                               self.lowering.accuracy_level, self.lowering.column_scales,
+                               self.lowering.tied_embedding)
         except ValueError as exc:
             raise _Invalid(str(exc), "") from None
 
@@ -366,8 +371,16 @@ class Verify:
     exact_checks: bool = False  # also check that each float stage left the logits exact
     allow_degraded: bool = False  # keep a result the collapse guard refuses (never a non-finite one)
     windows: int = 4
+    # A result with MatMulNBits at accuracy_level 4 against the same weights at level 0 (float activations):
+    # refused below this top-1 agreement or above this mean KL divergence (nats) on the verification windows.
+    int8_activation_agreement: float = 0.98
+    int8_activation_kl: float = 0.02
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.int8_activation_agreement <= 1.0:
+            raise _Invalid(f"must be in [0, 1], got {self.int8_activation_agreement}", "int8_activation_agreement")
+        if self.int8_activation_kl < 0:
+            raise _Invalid(f"must be at least 0, got {self.int8_activation_kl}", "int8_activation_kl")
         if self.collapse_ratio < 0 or 0 < self.collapse_ratio <= 1:
             raise _Invalid(f"must be above 1 (or 0 to turn the check off), got {self.collapse_ratio}", "collapse_ratio")
         if self.windows < 1:

@@ -1,0 +1,104 @@
+"""A tied embedding at 4 bits reads lm_head's MatMulNBits table (one copy on disk), on hand-built graphs
+and through the CLI on the tiny tied Llama."""
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from conftest import assert_user_error, run_module
+from test_pass_units import EMBED, LM_HEAD, decoder, ids_feed, run
+
+from onnxquant.passes import QuantizeGraphPass, UntieEmbeddingsPass
+from onnxquant.pipeline import _tied_lm_head
+from onnxquant.plan import plan_quantization, tie_refusal
+from onnxquant.schemes import SCHEMES, uint8_blocks
+
+
+def _scheme(tied_embedding: str = "auto", **changes):
+    scheme = SCHEMES["UINT4_PER_GROUP_ASYM"].with_block_size(16)
+    return dataclasses.replace(scheme, algo="rtn", tied_embedding=tied_embedding, **changes)
+
+
+def _quantized(tied_embedding: str) -> ir.Model:
+    model = decoder(tied=True)
+    lm_head = _tied_lm_head(model.graph)
+    UntieEmbeddingsPass()(model)
+    QuantizeGraphPass(plan_quantization(model.graph, _scheme(tied_embedding), tied_lm_head=lm_head), {}, {})(model)
+    return model
+
+
+def _stored_bytes(model: ir.Model) -> int:
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values())
+
+
+def test_shared_table_gives_the_separate_tables_outputs_with_one_copy():
+    # Round to nearest on the same blocks gives the same codes either way, so the logits agree exactly.
+    shared, separate = _quantized("auto"), _quantized("separate")
+    feeds = ids_feed()
+    np.testing.assert_array_equal(run(shared, feeds)[0], run(separate, feeds)[0])
+    gather = next(n for n in shared.graph if n.op_type == "GatherBlockQuantized")
+    nbits = next(n for n in shared.graph if n.op_type == "MatMulNBits" and n.name.startswith(LM_HEAD))
+    assert gather.inputs[0].producer().inputs[0] is nbits.inputs[1]  # Reshape of lm_head's B
+    assert gather.inputs[2:] == nbits.inputs[2:]  # the same scales and zero points
+    assert _stored_bytes(separate) - _stored_bytes(shared) >= nbits.inputs[1].const_value.nbytes
+
+
+def test_untied_model_has_no_tie_to_share():
+    model = decoder(tied=False)
+    assert _tied_lm_head(model.graph) is None
+    plan = plan_quantization(model.graph, _scheme())
+    assert plan.nodes[EMBED].shares is None
+    assert "not tied" in tie_refusal(plan, None)
+
+
+def test_lm_head_on_another_grid_keeps_the_embedding_apart():
+    model = decoder(tied=True)
+    lm_head = _tied_lm_head(model.graph)
+    UntieEmbeddingsPass()(model)
+    from onnxquant.schemes import NodeOverride
+
+    plan = plan_quantization(model.graph, _scheme(overrides=(NodeOverride("lm_head", uint8_blocks(16)),)),
+                             tied_lm_head=lm_head)
+    assert plan.nodes[EMBED].shares is None
+    assert "4-bit" in tie_refusal(plan, lm_head)
+
+
+def test_lm_head_left_float_unshares_the_embedding():
+    model = decoder(tied=True)
+    lm_head = _tied_lm_head(model.graph)
+    UntieEmbeddingsPass()(model)
+    plan = plan_quantization(model.graph, _scheme(), tied_lm_head=lm_head)
+    assert plan.nodes[EMBED].shares == LM_HEAD
+    assert plan.without([LM_HEAD]).nodes[EMBED].shares is None
+
+
+def _w4(tiny_models, name, out, calib_text_path, *flags):
+    return run_module("onnxquant.cli.quantize", "--input_model_path", str(tiny_models.onnx(name)),
+                      "--output_model_path", str(out), "--calib_data", str(calib_text_path), "--num_calib_data", "4",
+                      "--seq_len", "64", "--config", "UINT4_PER_GROUP_ASYM", *flags)
+
+
+def test_cli_writes_one_vocabulary_table_for_the_tied_llama(tiny_models, tmp_path, calib_text_path):
+    result = _w4(tiny_models, "tiny-llama-96", tmp_path / "w4", calib_text_path, "--algo", "gptq",
+                 "--tied_embedding", "shared")
+    assert result.returncode == 0, result.stderr[-3000:]
+    graph = onnx.load(str(tmp_path / "w4" / "model.onnx"), load_external_data=False).graph
+    producers = {output: n for n in graph.node for output in n.output}
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    reshape = producers[gather.input[0]]
+    assert reshape.op_type == "Reshape" and reshape.input[0] == "lm_head.MatMul.weight_Q4"
+    assert not [i.name for i in graph.initializer if i.name.startswith("model.embed_tokens")]  # no table of its own
+
+
+@pytest.mark.parametrize("name,flags,needle", [
+    ("tiny-qwen2-96", (), "not tied"),
+    ("tiny-llama-96", ("--include_rotation",), "not tied"),
+    ("tiny-llama-96", ("--int8_nodes", "lm_head"), "lm_head is not on a 4-bit"),
+])
+def test_shared_request_that_cannot_share_is_refused(tiny_models, tmp_path, calib_text_path, name, flags, needle):
+    result = _w4(tiny_models, name, tmp_path / "o", calib_text_path, "--tied_embedding", "shared", *flags)
+    assert_user_error(result, "tied_embedding: shared", needle)
+    assert not (tmp_path / "o").exists()
