@@ -50,7 +50,7 @@ from onnxquant.graph_utils import read_initializer, release_tensor
 from onnxquant.hadamard import rotation_matrix
 from onnxquant.kv_cache import SAMPLE_ROWS, KVCacheObserver, cache_scale, present_names, rope_frequencies, rotary_layout
 from onnxquant.passes import (EmulateMicroscalingPass, FoldChannelScalesPass, FoldNormIntoReadersPass, HadamardGroupsPass,
-                              QuantizeGraphPass, RotateR1Pass, UntieEmbeddingsPass)
+                              QuantizeGraphPass, RetieEmbeddingsPass, RotateR1Pass, UntieEmbeddingsPass)
 from onnxquant.passes.fold_channel_scales import scaled_activation_name
 from onnxquant.passes.fuse_norm_ops import FUSED_NORMS_METADATA_KEY, FuseNormOpsPass
 from onnxquant.passes.online_hadamard import OnlineHadamardPass, r4_activations
@@ -196,7 +196,8 @@ class StageContext:
     ranges: dict[str, tuple[float, float]] | None = None
     hessians: SpillingStore | None = None
     hessian_tokens: dict[str, int] | None = None
-    tied_lm_head: str | None = None  # the MatMul whose weight the embedding still read as Transpose(W) at quantize time
+    # (embedding Gather, lm_head MatMul) when the embedding read Transpose(lm_head's weight) as the stage started
+    tied: tuple[str, str] | None = None
     state: dict = field(default_factory=dict)  # what a stage's prepare hands to its build
 
 
@@ -227,6 +228,7 @@ def _prepare_rotation(ctx: StageContext) -> list[Observation]:
         fail(f"--hadamard_group_size {group} does not divide the hidden size {hidden} that R1 rotates; "
              f"choose a group size that divides it or drop --include_rotation")
     refuse_sandwich_norms(ctx.model.graph)
+    ctx.tied = tied_embedding(ctx.model.graph)
     UntieEmbeddingsPass()(ctx.model)
     return []
 
@@ -244,7 +246,23 @@ def _build_rotation(ctx: StageContext) -> list[ir.passes.PassBase]:
     # Hadamard groups on the residual stream's readers go into R1 itself: no online MatMul for them
     # (they then come before SmoothQuant's scales rather than after: SmolLM2 INT8_PER_CHANNEL + R1 + SQ
     # + R4 + GPTQ, groups of 64, 16 blocks: 21.2116 online, 21.1370 in R1).
-    return [FoldNormIntoReadersPass(pairs), RotateR1Pass(pairs, rotation.matrix, description, ctx.settings.hadamard_group_size)]
+    passes = [FoldNormIntoReadersPass(pairs), RotateR1Pass(pairs, rotation.matrix, description, ctx.settings.hadamard_group_size)]
+    if _quantize_shares_after_rotation(ctx):
+        # A tied embedding stays tied through R1 (one hidden x hidden MatMul before lm_head), so the 4-bit
+        # quantize stage stores one table for both.
+        passes.append(RetieEmbeddingsPass(*ctx.tied))
+    return passes
+
+
+def _quantize_shares_after_rotation(ctx: StageContext) -> bool:
+    """Whether the model was tied and the quantize stage would share its table: no later float stage unties it
+    again (smoothing, R4 and Hadamard groups change lm_head's input side alone) and both get one 4-bit grid."""
+    settings = ctx.settings
+    if (ctx.tied is None or settings.skip_quantization or settings.searches_plan or settings.sq_alpha is not None or settings.r4
+            or settings.hadamard_group_size is not None):
+        return False
+    plan = plan_quantization(ctx.model.graph, settings.scheme, tied_lm_head=ctx.tied[1])
+    return plan.embedding is not None and plan.nodes[plan.embedding].shares is not None
 
 
 # --- FUSE NORMS ---------------------------------------------------------------------------------
@@ -261,7 +279,7 @@ ONE_PASS_BUDGET_BYTES = 512 * 1024 * 1024
 
 
 def _plan(ctx: StageContext) -> QuantPlan:
-    return plan_quantization(ctx.model.graph, ctx.settings.scheme, tied_lm_head=ctx.tied_lm_head)
+    return plan_quantization(ctx.model.graph, ctx.settings.scheme, tied_lm_head=ctx.tied[1] if ctx.tied else None)
 
 
 def _records_extrema(ctx: StageContext, plan: QuantPlan) -> bool:
@@ -461,16 +479,20 @@ def _observe_hessians(ctx: StageContext, plan: QuantPlan) -> list[Observation]:
     return list(observers.items())
 
 
-def _tied_lm_head(graph: ir.Graph) -> str | None:
-    """The MatMul that reads the weight a tied embedding gathers from (Gather(Transpose(W)))."""
+def tied_embedding(graph: ir.Graph) -> tuple[str, str] | None:
+    """(the embedding Gather, the MatMul reading the weight it gathers from) of a tied model (Gather(Transpose(W)))."""
     found = find_tied_embedding(graph)
     readers = [node for node in consumers(found[2]) if is_const_matmul(node)] if found is not None else []
-    return readers[0].name if len(readers) == 1 else None
+    return (found[0].name, readers[0].name) if len(readers) == 1 else None
 
 
 def _prepare_quantization(ctx: StageContext) -> list[Observation]:
-    # The tie is read before untying: no earlier stage changed lm_head's weight apart from the table.
-    ctx.tied_lm_head = _tied_lm_head(ctx.model.graph)
+    # The tie is read before untying: no earlier stage changed lm_head's weight apart from the table. AWQ
+    # folds its scales into lm_head's rows alone, so it keeps the tables apart.
+    if ctx.settings.folds_scales and ctx.settings.scheme.tied_embedding == "shared":
+        fail("tied_embedding: shared with awq: AWQ folds its scales into lm_head's rows and not into the embedding, "
+             "so the two tables differ; use gptq, or tied_embedding: auto (separate tables)")
+    ctx.tied = None if ctx.settings.folds_scales else tied_embedding(ctx.model.graph)
     UntieEmbeddingsPass()(ctx.model)
     scheme = ctx.settings.scheme
     unmatched = unmatched_patterns(ctx.model.graph, scheme)
@@ -478,7 +500,7 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
         fail(f"override pattern {unmatched[0]!r} (quantize.overrides[].match, --exclude, --int8_nodes) matches no node "
              f"(MatMul or embedding) in {ctx.folder.model_file}; check the node name")
     plan = _plan(ctx)
-    if ctx.settings.scheme.tied_embedding == "shared" and (reason := tie_refusal(plan, ctx.tied_lm_head)) is not None:
+    if ctx.settings.scheme.tied_embedding == "shared" and (reason := tie_refusal(plan, ctx.tied and ctx.tied[1])) is not None:
         fail(f"tied_embedding: shared cannot apply to {ctx.folder.model_file}: {reason}; use tied_embedding: auto "
              "(or --tied_embedding auto)")
     ctx.state["plan"] = plan

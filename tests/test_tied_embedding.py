@@ -12,21 +12,21 @@ from conftest import assert_user_error, run_module
 from test_pass_units import EMBED, LM_HEAD, decoder, ids_feed, run
 
 from onnxquant.passes import QuantizeGraphPass, UntieEmbeddingsPass
-from onnxquant.pipeline import _tied_lm_head
+from onnxquant.pipeline import tied_embedding
 from onnxquant.plan import plan_quantization, tie_refusal
 from onnxquant.schemes import SCHEMES, uint8_blocks
 
 
-def _scheme(tied_embedding: str = "auto", **changes):
+def _scheme(mode: str = "auto", **changes):
     scheme = SCHEMES["UINT4_PER_GROUP_ASYM"].with_block_size(16)
-    return dataclasses.replace(scheme, algo="rtn", tied_embedding=tied_embedding, **changes)
+    return dataclasses.replace(scheme, algo="rtn", tied_embedding=mode, **changes)
 
 
-def _quantized(tied_embedding: str) -> ir.Model:
+def _quantized(mode: str) -> ir.Model:
     model = decoder(tied=True)
-    lm_head = _tied_lm_head(model.graph)
+    lm_head = tied_embedding(model.graph)[1]
     UntieEmbeddingsPass()(model)
-    QuantizeGraphPass(plan_quantization(model.graph, _scheme(tied_embedding), tied_lm_head=lm_head), {}, {})(model)
+    QuantizeGraphPass(plan_quantization(model.graph, _scheme(mode), tied_lm_head=lm_head), {}, {})(model)
     return model
 
 
@@ -48,7 +48,7 @@ def test_shared_table_gives_the_separate_tables_outputs_with_one_copy():
 
 def test_untied_model_has_no_tie_to_share():
     model = decoder(tied=False)
-    assert _tied_lm_head(model.graph) is None
+    assert tied_embedding(model.graph) is None
     plan = plan_quantization(model.graph, _scheme())
     assert plan.nodes[EMBED].shares is None
     assert "not tied" in tie_refusal(plan, None)
@@ -56,7 +56,7 @@ def test_untied_model_has_no_tie_to_share():
 
 def test_lm_head_on_another_grid_keeps_the_embedding_apart():
     model = decoder(tied=True)
-    lm_head = _tied_lm_head(model.graph)
+    lm_head = tied_embedding(model.graph)[1]
     UntieEmbeddingsPass()(model)
     from onnxquant.schemes import NodeOverride
 
@@ -68,7 +68,7 @@ def test_lm_head_on_another_grid_keeps_the_embedding_apart():
 
 def test_lm_head_left_float_unshares_the_embedding():
     model = decoder(tied=True)
-    lm_head = _tied_lm_head(model.graph)
+    lm_head = tied_embedding(model.graph)[1]
     UntieEmbeddingsPass()(model)
     plan = plan_quantization(model.graph, _scheme(), tied_lm_head=lm_head)
     assert plan.nodes[EMBED].shares == LM_HEAD
@@ -81,9 +81,10 @@ def _w4(tiny_models, name, out, calib_text_path, *flags):
                       "--seq_len", "64", "--config", "UINT4_PER_GROUP_ASYM", *flags)
 
 
-def test_cli_writes_one_vocabulary_table_for_the_tied_llama(tiny_models, tmp_path, calib_text_path):
+@pytest.mark.parametrize("flags", [(), ("--include_rotation",)])
+def test_cli_writes_one_vocabulary_table_for_the_tied_llama(tiny_models, tmp_path, calib_text_path, flags):
     result = _w4(tiny_models, "tiny-llama-96", tmp_path / "w4", calib_text_path, "--algo", "gptq",
-                 "--tied_embedding", "shared")
+                 "--tied_embedding", "shared", *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     graph = onnx.load(str(tmp_path / "w4" / "model.onnx"), load_external_data=False).graph
     producers = {output: n for n in graph.node for output in n.output}
@@ -95,10 +96,40 @@ def test_cli_writes_one_vocabulary_table_for_the_tied_llama(tiny_models, tmp_pat
 
 @pytest.mark.parametrize("name,flags,needle", [
     ("tiny-qwen2-96", (), "not tied"),
-    ("tiny-llama-96", ("--include_rotation",), "not tied"),
+    ("tiny-llama-96", ("--algo", "awq"), "AWQ folds its scales"),
     ("tiny-llama-96", ("--int8_nodes", "lm_head"), "lm_head is not on a 4-bit"),
 ])
 def test_shared_request_that_cannot_share_is_refused(tiny_models, tmp_path, calib_text_path, name, flags, needle):
     result = _w4(tiny_models, name, tmp_path / "o", calib_text_path, "--tied_embedding", "shared", *flags)
     assert_user_error(result, "tied_embedding: shared", needle)
     assert not (tmp_path / "o").exists()
+
+
+# --- R1 keeps the tie --------------------------------------------------------------------------
+
+def test_retie_after_r1_is_exact_and_restores_the_builder_form():
+    from test_pass_units import orthogonal, pairs
+
+    from onnxquant.passes import FoldNormIntoReadersPass, RetieEmbeddingsPass, RotateR1Pass
+    from onnxquant.patterns import find_tied_embedding
+    from test_pass_units import HIDDEN
+
+    model = decoder(tied=True)
+    feeds = ids_feed()
+    before = run(model, feeds)
+    tie = tied_embedding(model.graph)
+    UntieEmbeddingsPass()(model)
+    FoldNormIntoReadersPass(pairs(model))(model)
+    RotateR1Pass(pairs(model), orthogonal(HIDDEN), {})(model)
+    retie = RetieEmbeddingsPass(*tie)
+    assert retie(model).modified and retie.residual < 1e-6
+    np.testing.assert_allclose(run(model, feeds)[0], before[0], rtol=1e-4, atol=1e-4)
+    assert find_tied_embedding(model.graph) is not None
+    assert tied_embedding(model.graph) == tie
+
+
+def test_retie_leaves_a_lm_head_that_is_not_the_table_alone():
+    from onnxquant.passes import RetieEmbeddingsPass
+
+    model = decoder(tied=False)  # the embedding is its own random table
+    assert not RetieEmbeddingsPass(EMBED, LM_HEAD)(model).modified

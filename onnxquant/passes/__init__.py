@@ -8,6 +8,7 @@ from onnxquant.passes.hadamard_groups import HadamardGroupsPass
 from onnxquant.passes.quantize_graph import QuantizeGraphPass
 from onnxquant.passes.quantize_kv_cache import QuantizeKVCachePass
 from onnxquant.passes.rotate_r1 import RotateR1Pass
+from onnxquant.passes.retie_embeddings import RetieEmbeddingsPass
 from onnxquant.passes.untie_embeddings import UntieEmbeddingsPass
 
-__all__ = ["EmulateMicroscalingPass", "FoldChannelScalesPass", "FoldNormIntoReadersPass", "FuseNormOpsPass", "HadamardGroupsPass", "QuantizeGraphPass", "QuantizeKVCachePass", "RotateR1Pass", "UntieEmbeddingsPass"]
+__all__ = ["EmulateMicroscalingPass", "FoldChannelScalesPass", "FoldNormIntoReadersPass", "FuseNormOpsPass", "HadamardGroupsPass", "QuantizeGraphPass", "QuantizeKVCachePass", "RetieEmbeddingsPass", "RotateR1Pass", "UntieEmbeddingsPass"]

@@ -373,7 +373,9 @@ class Verify:
     windows: int = 4
     # A result with MatMulNBits at accuracy_level 4 against the same weights at level 0 (float activations):
     # refused below this top-1 agreement or above this mean KL divergence (nats) on the verification windows.
-    int8_activation_agreement: float = 0.98
+    # SmolLM2 w4a16 at level 4 against level 0 (16 test blocks): agreement 0.942, KL 0.0086; the tiny Llama with
+    # a 30x outlier channel: 0.663, 0.064 (4 verification windows).
+    int8_activation_agreement: float = 0.9
     int8_activation_kl: float = 0.02
 
     def __post_init__(self) -> None:
