@@ -15,6 +15,8 @@ HADAMARD_GROUPS_METADATA_KEY = "onnxquant.hadamard_groups"
 # Node metadata on a MatMul that applies an online rotation (its constant is not a weight to quantize).
 ONLINE_ROTATION_KEY = "onnxquant.online_rotation"
 R4_METADATA_KEY = "onnxquant.r4"
+# On the hidden x hidden MatMul RetieEmbeddingsPass puts before a tied lm_head after R1.
+TIED_INPUT_METADATA_KEY = "onnxquant.tied_input"
 # On a MatMul reading the residual stream: R1's rotation already holds Hadamard groups of this size.
 GROUPS_IN_R1_KEY = "onnxquant.hadamard_groups_in_r1"
 

@@ -145,4 +145,8 @@ def test_budget_with_awq_or_a_4bit_per_channel_candidate_is_refused_before_any_w
     per_channel = recipe.with_stage(dataclasses.replace(recipe.stages[-1], candidates=(Grid("uint4", "per_channel", False),)))
     with pytest.raises(UserError, match="cannot be written"):
         onnxquant.quantize(source, tmp_path / "out", per_channel, budget=Budget(max_delta=0.03))
+    shared = recipe.with_stage(dataclasses.replace(recipe.stages[-1], lowering=dataclasses.replace(
+        recipe.stages[-1].lowering, tied_embedding="shared")))
+    with pytest.raises(UserError, match="not shared"):
+        onnxquant.quantize(source, tmp_path / "out", shared, budget=Budget(max_delta=0.03))
     assert not (tmp_path / "out").exists()

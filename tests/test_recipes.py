@@ -15,7 +15,7 @@ from onnxquant.recipes import (Grid, HadamardGroups, Override, Quantize, Recipe,
 
 from conftest import assert_user_error, run_module
 
-BUILTIN_NAMES = {"w8a8", "w8a8-fast", "w4a16", "w4a16-8bit-ends", "fp8", "mxfp8", "mxfp4", "nvfp4"}
+BUILTIN_NAMES = {"w8a8", "w8a8-fast", "w4a16", "w4a16-fast", "w4a16-8bit-ends", "fp8", "mxfp8", "mxfp4", "nvfp4"}
 
 
 def test_builtin_recipes_are_the_named_set_and_each_records_a_figure():
@@ -109,7 +109,7 @@ def test_the_main_jobs_flags_mean_the_w8a8_recipe():
 
 
 def test_the_4bit_gptq_flags_mean_the_w4a16_recipe():
-    printed = _printed("--config", "UINT4_PER_GROUP_ASYM", "--algo", "gptq")
+    printed = _printed("--config", "UINT4_PER_GROUP_ASYM", "--algo", "gptq", "--include_rotation")
     assert dataclasses.replace(printed, name="w4a16", description="") == \
         dataclasses.replace(load_recipe("w4a16").resolved(), description="")
 

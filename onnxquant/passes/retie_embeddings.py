@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxquant.graph_utils import add_initializer
-from onnxquant.patterns import constant_weight, nodes_by_name
+from onnxquant.patterns import TIED_INPUT_METADATA_KEY, constant_weight, nodes_by_name
 
 # ‖W − M Eᵀ‖ / ‖W‖ above which lm_head is not the tied table times a hidden x hidden matrix (float32 rounding
 # of the rotated weights leaves about 1e-7).
@@ -23,7 +23,8 @@ class RetieEmbeddingsPass(ir.passes.InPlacePass):
     folded in, so lm_head = M (E Q)ᵀ with M = Qᵀ diag(γ) Q. M is found by least squares over the vocabulary
     (M = W E (Eᵀ E)⁻¹, in float64 by chunks of rows), so any exact fold of the same kind (a scalar, a
     rotation, channel scales) is recovered; when the residual is above RETIE_TOLERANCE nothing changes.
-    The extra MatMul costs hidden² per token (SmolLM2: 0.33 M against lm_head's 28.3 M).
+    The extra MatMul costs hidden² per token (SmolLM2: 0.33 M against lm_head's 28.3 M); it carries
+    TIED_INPUT_METADATA_KEY, by which the plan keeps it at 8 bits when the rest is 4-bit.
     """
 
     def __init__(self, embedding: str, lm_head: str):
@@ -68,6 +69,7 @@ class RetieEmbeddingsPass(ir.passes.InPlacePass):
         weight_value.const_value = ir.tensor(transposed, name=weight_value.name)
         mix = add_initializer(graph, f"{weight_value.name}.tied_input", mixing.astype(table.dtype))
         mix_node = ir.node("MatMul", [lm_head.inputs[0], mix], name=f"{lm_head.name.rsplit('/', 1)[0]}/tied_input/MatMul")
+        mix_node.metadata_props[TIED_INPUT_METADATA_KEY] = lm_head.name
         graph.insert_before(lm_head, mix_node)
         mix_node.outputs[0].name = f"{mix_node.name}/output_0"
         lm_head.replace_input_with(0, mix_node.outputs[0])
