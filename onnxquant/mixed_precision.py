@@ -257,6 +257,8 @@ def allocate(options: list[NodeOptions], budget_bytes: float) -> list[int]:
     low, high = 1e-30, 1.0
     while total(pick(high)) > budget_bytes:
         high *= 10.0
+        if high > 1e300:  # a node whose smaller formats model as infinitely worse: take the smallest mix
+            return smallest
     for _ in range(100):  # bisection in log space: total bytes fall as lambda grows
         middle = math.sqrt(low * high)
         if total(pick(middle)) > budget_bytes:
@@ -574,6 +576,8 @@ class PlanSearch:
             fraction = 0.5 if la == lb else min(max((la - lt) / (la - lb), 0.1), 0.9)
             size = low_point.size_mb + fraction * (high_point.size_mb - low_point.size_mb)
             choice = at_size(size)
+            if tuple(choice) in self.measured:  # no other mix between the two points: nothing new to measure
+                break
             point = measure(choice)
             if point.delta <= limit:
                 high_point = point
