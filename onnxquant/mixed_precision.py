@@ -517,7 +517,10 @@ class PlanSearch:
         for path in folder.iterdir():
             shutil.move(str(path), output_model.parent / path.name)
         overrides = chosen_overrides(options, chosen, scheme)
-        self.chosen_recipe = self.recipe.with_stage(dataclasses.replace(quantize, overrides=quantize.overrides + overrides))
+        # The search writes the embedding and lm_head apart; the saved recipe says so, so that it writes the same bytes.
+        separate = dataclasses.replace(quantize.lowering, tied_embedding="separate")
+        self.chosen_recipe = self.recipe.with_stage(dataclasses.replace(quantize, overrides=quantize.overrides + overrides,
+                                                                        lowering=separate))
         from onnxquant.verification import QualityReport
 
         self.quality = QualityReport(point.float_perplexity, point.perplexity, point.agreement, self.verifier.held_out)
