@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +209,16 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    # transformers' loading and the meta-device build are not safe side by side in one process (two exports on
+    # threads met meta tensors in save_pretrained): one conversion at a time.
+    with _CONVERSION_LOCK:
+        _convert_gguf(gguf_path, out_dir, torch, AutoConfig, AutoModelForCausalLM, AutoTokenizer)
+
+
+_CONVERSION_LOCK = threading.Lock()
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path, torch, AutoConfig, AutoModelForCausalLM, AutoTokenizer) -> None:
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

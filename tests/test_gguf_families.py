@@ -132,11 +132,13 @@ def gguf_exports(tiny_models, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     for name in FAMILIES:
         sources[name] = resolve_model_source(str(write_float_gguf(tiny_models.hf(name), root / f"{name}.gguf")))
         assert sources[name].architecture == FAMILIES[name]
+    # The HF folders' exports first, then the GGUFs': a GGUF's conversion builds its model on the meta device,
+    # which met a builder loading another model beside it (meta tensors in save_pretrained).
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        jobs = {name: (pool.submit(tiny_models.onnx, name), pool.submit(export_model, source, root / f"{name}-onnx"))
-                for name, source in sources.items()}
-        for hf_job, gguf_job in jobs.values():
-            hf_job.result(), gguf_job.result()
+        for job in [pool.submit(tiny_models.onnx, name) for name in sources]:
+            job.result()
+        for job in [pool.submit(export_model, source, root / f"{name}-onnx") for name, source in sources.items()]:
+            job.result()
     return {name: (tiny_models.onnx(name), root / f"{name}-onnx") for name in FAMILIES}
 
 
