@@ -526,12 +526,15 @@ def token_sample_reader(model_path: Path, folder: GenAIFolder, samples: np.ndarr
 
 def run_calibration(model_path: Path, reader: CalibrationDataReader, observations: list[Observation] | dict[str, Observer],
                     desc: str = "calibration", segment_bytes: int = DEFAULT_SEGMENT_MB << 20,
-                    on_segment_done: Callable[[list[Observation], bool], None] | None = None) -> CalibrationRun:
+                    on_segment_done: Callable[[list[Observation], bool], dict[str, np.ndarray] | None] | None = None,
+                    sequential: bool = False) -> CalibrationRun:
     """Run every sample of `reader` through ORT and feed each observer the statistics of its tensor.
 
     A model with more than `segment_bytes` of weights runs in segments (onnxquant.segments);
     `on_segment_done(observations, segmented)` is called with the observations each segment
-    completed (segmented: whether the model was cut).
+    completed (segmented: whether the model was cut). `sequential`: what it returns (initializer name ->
+    new weight) replaces those weights from then on, and the segment runs again with them, so later
+    segments are observed on the outputs of the new weights.
     """
     if isinstance(observations, dict):
         observations = list(observations.items())
@@ -576,11 +579,14 @@ def run_calibration(model_path: Path, reader: CalibrationDataReader, observation
     def segment_done(segment: Segment) -> None:
         if on_segment_done is not None:
             done = {owner[name] for name in segment.outputs if name in owner}
-            on_segment_done([observations[index] for index in sorted(done)], len(segmented.segments) > 1)
+            changed = on_segment_done([observations[index] for index in sorted(done)], len(segmented.segments) > 1)
+            if changed:
+                segmented.substitutes.update(changed)
 
     try:
         total_samples = len(reader)
     except (TypeError, NotImplementedError):  # ORT's base reader declares __len__ but need not implement it
         total_samples = None
-    segmented.run(iter(reader.get_next, None), options, update, bind_running_sums, segment_done, desc, total_samples)
+    segmented.run(iter(reader.get_next, None), options, update, bind_running_sums, segment_done, desc, total_samples,
+                  recompute_outputs=sequential)
     return CalibrationRun(time.perf_counter() - start, len(segmented.segments))

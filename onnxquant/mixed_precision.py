@@ -23,10 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pickle
 import re
 import shutil
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from onnxquant.errors import fail
+from onnxquant.rounded_weights import CachedRounder
 from onnxquant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -339,34 +338,6 @@ def format_counts(options: list[NodeOptions], choice: list[int]) -> dict[str, in
     return dict(sorted(counts.items()))
 
 
-# --- rounding once per (node, format) ------------------------------------------------------------
-
-class CachedRounder:
-    """A weight rounder that keeps every rounded weight (pickled under `folder`), so a later point that
-    gives a node a format it had before reads it back instead of rounding it again (GPTQ included)."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.files: dict[tuple[str, QuantSpec], Path] = {}
-        self.inner = None
-        self.lock = threading.Lock()  # weights are rounded on several threads (emitters.RoundingAhead)
-
-    def __call__(self, node_name: str, weight: np.ndarray, spec: QuantSpec):
-        key = (node_name, spec)
-        path = self.files.get(key)
-        if path is not None:
-            with path.open("rb") as handle:
-                return pickle.load(handle)
-        rounded = self.inner(node_name, weight, spec)
-        with self.lock:
-            path = self.folder / f"{len(self.files)}.pkl"
-            self.files[key] = path
-            with path.open("wb") as handle:
-                pickle.dump(rounded, handle, protocol=pickle.HIGHEST_PROTOCOL)
-        return rounded
-
-
 def candidates_of(recipe, scheme) -> tuple[QuantSpec | None, ...]:
     from onnxquant import recipes
 
@@ -390,6 +361,9 @@ def check_budget(budget: Budget, recipe, settings, folder) -> None:
              "kv_cache stage, then quantize with OUT/quantization_recipe.yaml and --kv_cache_quant_scheme")
     if settings.exclude_most_sensitive:
         fail("--max_delta / --max_size_mb choose which nodes stay float themselves; drop --exclude_most_sensitive")
+    if settings.sequential:
+        fail("--max_delta / --max_size_mb re-round every candidate from one set of float Hessians; sequential gptq "
+             "rounds during calibration for one format only: drop sequential (algorithm.sequential: false)")
     if settings.scheme.tied_embedding == "shared":
         fail("--max_delta / --max_size_mb choose the embedding's and lm_head's formats apart, so their table is not "
              "shared; use tied_embedding: auto (the search then writes them separately)")

@@ -63,7 +63,9 @@ from onnxquant.rotation_config import load_rotation_config, plain_decoder_pairs,
 from onnxquant.runtime import usable_cores
 from onnxquant.scale_folding import fold_targets
 from onnxquant.schemes import QuantScheme
+from onnxquant.rounded_weights import CachedRounder
 from onnxquant.segments import DEFAULT_SEGMENT_MB
+from onnxquant.sequential import SequentialRounding, layer_segment_bytes
 from onnxquant.spec import QuantSpec
 from onnxquant.timing import PhaseTimes
 
@@ -95,6 +97,7 @@ class QuantizeSettings:
     fuse_norms: bool = False  # fuse a plain decoder's RMSNorms (always ahead of R1 and SmoothQuant)
     searches_plan: bool = False  # a mixed-precision search (onnxquant.mixed_precision) models errors from Hessians
     kv_cache: recipes.KVCache | None = None  # None: the KV cache stays float
+    sequential: bool = False  # gptq: each Hessian from the outputs of the weights already rounded (onnxquant.sequential)
 
     @property
     def needs_calibration(self) -> bool:
@@ -137,7 +140,7 @@ def settings_for(recipe: recipes.Recipe) -> QuantizeSettings:
         sq_alpha_search=smooth is not None and smooth.alpha == "auto",
         hessian_token_stride=algorithm.hessian_token_stride, sq_num_calib_data=None if smooth is None else smooth.samples,
         segment_bytes=int(recipe.segment_mb * (1 << 20)), fuse_norms=recipe.stage(recipes.FuseNorms) is not None,
-        kv_cache=recipe.stage(recipes.KVCache))
+        kv_cache=recipe.stage(recipes.KVCache), sequential=algorithm.sequential)
 
 
 @dataclass
@@ -463,17 +466,26 @@ def _build_hadamard_groups(ctx: StageContext) -> list[ir.passes.PassBase]:
 # --- QUANTIZE -----------------------------------------------------------------------------------
 
 def _observe_hessians(ctx: StageContext, plan: QuantPlan) -> list[Observation]:
-    """Hessian observers for every planned input; their sums land in ctx.state["hessian_store"]."""
+    """Hessian observers for every planned input; their sums land in ctx.state["hessian_store"]. Sequential
+    GPTQ rounds each weight as soon as its Hessian is complete (onnxquant.sequential)."""
     observers = {name: HessianObserver(ctx.settings.hessian_token_stride) for name in plan.activations}
     ctx.state["hessian_observers"] = observers
     store = ctx.state["hessian_store"] = SpillingStore(ctx.scratch / "hessians")
+    sequential = None
+    if ctx.settings.sequential:
+        rounder = _WeightRounder(plan, store, ctx.settings.gptq, progress=False)
+        sequential = ctx.state["sequential"] = SequentialRounding(ctx.model.graph, plan, store, rounder,
+                                                                  CachedRounder(ctx.scratch / "rounded"))
+        ctx.state["segment_bytes"] = layer_segment_bytes(ctx.model.graph, ctx.folder.num_layers, ctx.settings.segment_bytes)
 
-    def collect(done: list[Observation], spill: bool) -> None:
+    def collect(done: list[Observation], spill: bool) -> dict[str, np.ndarray] | None:
         # Each Hessian leaves its observer as soon as its segment ends; spilled to disk when the model
         # runs in segments, so memory holds one segment's Hessians, not all of them (9.8 GB at 1.5B).
+        # Sequential rounding reads them at once.
         for name, observer in done:
             if isinstance(observer, HessianObserver) and "xtx" in observer.sums:
-                store.put(name, observer.sums.pop("xtx"), spill)
+                store.put(name, observer.sums.pop("xtx"), spill and sequential is None)
+        return sequential.round_ready() if sequential is not None else None
 
     ctx.state["segment_done"] = collect
     return list(observers.items())
@@ -492,6 +504,10 @@ def _prepare_quantization(ctx: StageContext) -> list[Observation]:
     if ctx.settings.folds_scales and ctx.settings.scheme.tied_embedding == "shared":
         fail("tied_embedding: shared with awq: AWQ folds its scales into lm_head's rows and not into the embedding, "
              "so the two tables differ; use gptq, or tied_embedding: auto (separate tables)")
+    if ctx.settings.sequential and (ctx.settings.folds_scales or ctx.settings.exclude_most_sensitive):
+        fail("sequential gptq rounds each weight during calibration, before "
+             + ("awq's scales are folded" if ctx.settings.folds_scales else "--exclude_most_sensitive picks what stays float")
+             + "; drop sequential (algorithm.sequential: false) or that option")
     ctx.tied = None if ctx.settings.folds_scales else tied_embedding(ctx.model.graph)
     UntieEmbeddingsPass()(ctx.model)
     scheme = ctx.settings.scheme
@@ -528,7 +544,7 @@ class _WeightRounder:
     the first reader of an input prepares its Hessian while the others wait for it."""
 
     def __init__(self, plan: QuantPlan, hessians: SpillingStore | None, settings: GPTQSettings,
-                 keep_hessians: bool = False):
+                 keep_hessians: bool = False, progress: bool = True):
         self.keep_hessians = keep_hessians  # a plan search rounds from the same Hessians again
         self.algorithms = {name: get_algorithm(node.algo) for name, node in plan.nodes.items()}
         self.reader_input = {} if hessians is None else {
@@ -543,7 +559,7 @@ class _WeightRounder:
         names = sorted({self.algorithms[reader].name for reader in self.reader_input})
         # Rounding runs as the model is written; at 1.5B it takes minutes.
         self.progress = tqdm(total=len(self.reader_input), desc=" + ".join(names), unit="weight",
-                             disable=not self.reader_input)
+                             disable=not (self.reader_input and progress))
 
     def _prepare(self, activation: str) -> dict[str, object]:
         with self.input_locks[activation]:
@@ -590,8 +606,11 @@ def quantize_pass(ctx: StageContext, plan: QuantPlan, ranges: dict[str, tuple[fl
                   hessians: SpillingStore | None, keep_hessians: bool = False) -> QuantizeGraphPass:
     """The pass that writes `plan` into the model, rounding each weight with its node's algorithm."""
     scheme = ctx.settings.scheme
-    rounder = _WeightRounder(plan, hessians if ctx.settings.rounds_with_hessians else None, ctx.settings.gptq,
-                             keep_hessians)
+    sequential = ctx.state.get("sequential")
+    rounder = _WeightRounder(plan, hessians if ctx.settings.rounds_with_hessians and sequential is None else None,
+                             ctx.settings.gptq, keep_hessians)
+    if sequential is not None:  # calibration rounded the weights with Hessians; the rest are rounded now
+        sequential.cache.inner, rounder = rounder, sequential.cache
     description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}
     if ctx.report.kept_float:
         description["kept_float"] = ctx.report.kept_float
@@ -806,8 +825,10 @@ def quantize_model(folder: GenAIFolder, output_model: Path, settings: QuantizeSe
             with times.phase(f"{stage.name}_calibration"):
                 stage_samples = samples[:ctx.state.get("sample_count", len(samples))]
                 run = run_calibration(ctx.model_path, token_sample_reader(ctx.model_path, folder, stage_samples), observations,
-                                      desc=f"calibration ({stage.name})", segment_bytes=settings.segment_bytes,
-                                      on_segment_done=ctx.state.get("segment_done"))
+                                      desc=f"calibration ({stage.name})",
+                                      segment_bytes=ctx.state.get("segment_bytes", settings.segment_bytes),
+                                      on_segment_done=ctx.state.get("segment_done"),
+                                      sequential="sequential" in ctx.state)
             report.calibration_seconds += run.seconds
             report.calibration_passes += 1
             report.calibration_segments = max(report.calibration_segments, run.segments)

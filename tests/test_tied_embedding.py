@@ -128,6 +128,30 @@ def test_retie_after_r1_is_exact_and_restores_the_builder_form():
     assert tied_embedding(model.graph) == tie
 
 
+def test_retie_after_a_hadamard_r1_mixes_online_in_float():
+    """R1 by a (signed) Hadamard: M = Hᵀ diag(γ) H runs as small rotations around a Mul, no dense hidden² weight."""
+    from test_pass_units import HIDDEN, pairs
+
+    from onnxquant.hadamard import rotation_matrix
+    from onnxquant.passes import FoldNormIntoReadersPass, RetieEmbeddingsPass, RotateR1Pass
+    from onnxquant.patterns import ONLINE_ROTATION_KEY
+
+    model = decoder(tied=True)
+    feeds = ids_feed()
+    before = run(model, feeds)
+    tie = tied_embedding(model.graph)
+    UntieEmbeddingsPass()(model)
+    FoldNormIntoReadersPass(pairs(model))(model)
+    RotateR1Pass(pairs(model), rotation_matrix(HIDDEN, random_signs=True).matrix, {})(model)
+    retie = RetieEmbeddingsPass(*tie)
+    assert retie(model).modified and retie.online
+    np.testing.assert_allclose(run(model, feeds)[0], before[0], rtol=1e-4, atol=1e-4)
+    mixing = [node for node in model.graph if node.op_type == "MatMul" and "tied_input" in node.name]
+    assert len(mixing) == 4 and all(ONLINE_ROTATION_KEY in node.metadata_props for node in mixing)
+    assert max(v.const_value.size for v in model.graph.initializers.values() if "tied_input" in v.name) < HIDDEN * HIDDEN
+    assert tied_embedding(model.graph) == tie
+
+
 def test_retie_leaves_a_lm_head_that_is_not_the_table_alone():
     from onnxquant.passes import RetieEmbeddingsPass
 

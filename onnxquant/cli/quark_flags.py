@@ -54,6 +54,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add("--exclude_most_sensitive", type=int, default=0, metavar="N",
         help="mixed precision: keep the N MatMuls with the largest modelled output error (weight and activation grids, "
              "from the calibration Hessian) in float")
+    add("--sequential", action="store_true",
+        help="gptq: calibrate about one decoder layer at a time, each Hessian from the outputs of the layers already "
+             "rounded (algorithm.sequential); about twice the calibration work")
     add("--hessian_token_stride", type=int, default=1, metavar="N",
         help="gptq, awq, --exclude_most_sensitive: gather the calibration Hessian from every N-th token of each sample "
              "(default 1: all); its in-graph products cost about as much as the model's own MatMuls, N divides that cost")
@@ -196,7 +199,7 @@ def recipe_from_flags(args: argparse.Namespace, given: set[str]) -> Recipe:
     name = args.algo if "algo" in given else algorithm.name
     if args.clip_search and name == "rtn":
         name = "clip_search"
-    algorithm = dataclasses.replace(algorithm, name=name)
+    algorithm = dataclasses.replace(algorithm, name=name, **({"sequential": True} if args.sequential else {}))
     lowering = dataclasses.replace(quantize.lowering, **({"accuracy_level": args.accuracy_level} if "accuracy_level" in given else {}),
                                    **({"column_scales": args.column_scales} if "column_scales" in given else {}),
                                    **({"tied_embedding": args.tied_embedding} if "tied_embedding" in given else {}))

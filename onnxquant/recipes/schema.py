@@ -110,9 +110,18 @@ class Algorithm:
     hessian_token_stride: int = 1  # gptq, awq: the Hessian from every n-th calibration token
     damp: float = 0.01  # gptq: dampening, a fraction of mean(diag H)
     act_order: bool = True  # gptq: rows in order of decreasing Hessian diagonal
+    # gptq: calibrate layer by layer, each Hessian from the outputs of the layers already rounded
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         _known_algorithm(self.name, "name")
+        if self.sequential:
+            from onnxquant.algorithms.registry import get_algorithm
+
+            algorithm = get_algorithm(self.name)
+            if not algorithm.needs_hessians or algorithm.folds_scales:
+                raise _Invalid(f"applies to gptq (an algorithm that rounds from the Hessian and folds no scales), not "
+                               f"{self.name}", "sequential")
         if self.hessian_token_stride < 1:
             raise _Invalid(f"must be at least 1, got {self.hessian_token_stride}", "hessian_token_stride")
         if not 0.0 < self.damp < 1.0:
