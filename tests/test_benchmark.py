@@ -122,3 +122,14 @@ def test_speed_note_skips_a_crashed_recipe():
     rows = [Row("float", 20.0, extra={"decode_spread": (40.0, 45.0)}), Row("broken", float("nan"), extra={"crashed": True})]
     note = speed_note(rows)
     assert "float 40.0–45.0" in note and "broken" not in note
+
+
+def test_olive_peer_without_its_venv_says_how_to_make_one(tiny_models, tmp_path):
+    from conftest import assert_user_error
+
+    env = {key: value for key, value in os.environ.items() if key != "ONNXQUANT_OLIVE_PYTHON"}
+    result = subprocess.run([sys.executable, "-m", "onnxquant.benchmark.peers", "olive_rtn", "--input",
+                             str(tiny_models.onnx("tiny-llama-96")), "--output", str(tmp_path / "olive")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert_user_error(result, "ONNXQUANT_OLIVE_PYTHON", "install.md")
+    assert not (tmp_path / "olive").exists()

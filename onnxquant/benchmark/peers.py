@@ -5,6 +5,8 @@ onnxquant's validator measures it the same way:
     python -m onnxquant.benchmark.peers ort_static_int8|ort_static_int8_pc --input FLOAT_FOLDER --output OUT \
         [--calib_data FILE] [--num_calib_data 64] [--seq_len 512]
     python -m onnxquant.benchmark.peers builder_int4 --gguf FILE_OR_EMPTY --output OUT [--block_size 128] [--algo default|k_quant_mixed]
+    python -m onnxquant.benchmark.peers olive_rtn|olive_gptq --input FLOAT_FOLDER --output OUT [--block_size 128] \
+        [--gguf FILE_OR_EMPTY] [--calib_data FILE] [--num_calib_data 64] [--seq_len 512]
 
 ort_rtn_*, ort_hqq: onnxruntime.quantization.MatMulNBitsQuantizer on the float export (RTN asymmetric,
 RTN symmetric, HQQ), 4 bits, default accuracy level. ort_static_int8(_pc): onnxruntime.quantization's
@@ -13,7 +15,11 @@ quantize_static on the float export, W8A8 QDQ with the settings of onnxquant's I
 moving-average MinMax (onnxquant's averaging constant) over the same calibration windows onnxquant reads,
 every MatMul with a constant weight, its output left in float. builder_int4: the ORT-GenAI model
 builder's `-p int4` (accuracy level 4, its CPU default) from the Hugging Face checkpoint (the embedded
-SmolLM2 GGUF when --gguf is empty).
+SmolLM2 GGUF when --gguf is empty). olive_rtn, olive_gptq: Microsoft Olive (olive-ai 0.13), which does not
+install beside onnxquant's pins (its own torch and transformers): tools/olive_peer.py runs under the Python
+named by $ONNXQUANT_OLIVE_PYTHON. olive_rtn is its OnnxBlockWiseRtnQuantization on the float export
+(symmetric, accuracy level 4, as Olive's defaults); olive_gptq its own Gptq pass (symmetric, on the CPU) on
+the Hugging Face checkpoint over the same calibration windows, then the ORT-GenAI builder.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from onnxquant.errors import run_cli
 from onnxquant.genai_folder import copy_sidecar_files, open_genai_folder
 from onnxquant.staging import staged_output_dir
 
-PEERS = ("ort_rtn_asym", "ort_rtn_sym", "ort_hqq", "ort_static_int8", "ort_static_int8_pc", "builder_int4")
+PEERS = ("ort_rtn_asym", "ort_rtn_sym", "ort_hqq", "ort_static_int8", "ort_static_int8_pc", "builder_int4", "olive_rtn",
+         "olive_gptq")
+OLIVE_PYTHON = "ONNXQUANT_OLIVE_PYTHON"
 
 
 def ort_quantize(kind: str, source: Path, output: Path, block_size: int) -> None:
@@ -87,6 +95,34 @@ def builder_int4(gguf: str, output: Path, block_size: int, algo: str) -> None:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
+def olive(kind: str, source: Path, gguf: str, output: Path, block_size: int, calib_data: Path | None, count: int,
+          seq_len: int) -> None:
+    import os
+
+    from onnxquant.checkpoint import gguf_to_hf_folder, resolve_model_source
+    from onnxquant.data import resolve_text
+    from onnxquant.errors import fail
+
+    python = os.environ.get(OLIVE_PYTHON, "")
+    if not python or not Path(python).is_file():
+        fail(f"{kind}: Olive runs in a venv of its own; set {OLIVE_PYTHON} to its python (olive-ai 0.13; "
+             "docs/guide/install.md, 'Olive beside the benchmark')")
+    script = Path(__file__).resolve().parents[2] / "tools" / "olive_peer.py"
+    with staged_output_dir(output) as staging, tempfile.TemporaryDirectory() as work:
+        command = [python, str(script), kind.removeprefix("olive_"), "--onnx", str(source), "--output", str(staging),
+                   "--block_size", str(block_size), "--overwrite"]
+        if kind == "olive_gptq":
+            model = resolve_model_source(gguf or None)
+            hf = model.path
+            if model.kind == "gguf":
+                hf = Path(work) / "hf"
+                gguf_to_hf_folder(model.path, hf)
+            text = Path(work) / "calibration.txt"
+            text.write_text(resolve_text(calib_data, None, "validation"), encoding="utf-8")
+            command += ["--hf", str(hf), "--calib_text", str(text), "--num_calib_data", str(count), "--seq_len", str(seq_len)]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("peer", choices=PEERS)
@@ -101,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.peer == "builder_int4":
         builder_int4(args.gguf, args.output, args.block_size, args.algo)
+    elif args.peer.startswith("olive_"):
+        olive(args.peer, args.input, args.gguf, args.output, args.block_size, args.calib_data, args.num_calib_data,
+              args.seq_len)
     elif args.peer.startswith("ort_static_int8"):
         ort_static_int8(args.input, args.output, args.calib_data, args.num_calib_data, args.seq_len, args.peer.endswith("_pc"))
     else:

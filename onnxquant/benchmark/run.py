@@ -65,7 +65,7 @@ class Recipe:
         if self.flags is None:
             return "float"
         if self.peer is not None:
-            return "peers (ORT, ORT-GenAI builder)"
+            return "peers (ORT, ORT-GenAI builder, Olive)"
         if "--max_size_mb" in self.flags or "--max_delta" in self.flags:
             return "onnxquant mixed precision (budget)"
         if self.flags[:1] == ("--recipe",):
@@ -206,7 +206,9 @@ RECIPES = {r.name: r for r in (
       for peer, what in (("ort_rtn_asym", "ORT MatMulNBitsQuantizer RTN asymmetric"),
                          ("ort_rtn_sym", "ORT MatMulNBitsQuantizer RTN symmetric"),
                          ("ort_hqq", "ORT MatMulNBitsQuantizer HQQ"),
-                         ("builder_int4", "ORT-GenAI builder -p int4 (RTN)"))),
+                         ("builder_int4", "ORT-GenAI builder -p int4 (RTN)"),
+                         ("olive_rtn", "Olive OnnxBlockWiseRtnQuantization (symmetric, accuracy level 4)"),
+                         ("olive_gptq", "Olive Gptq (symmetric) + the ORT-GenAI builder"))),
     Recipe("peer_ort_static_int8", "ORT quantize_static W8A8 QDQ: int8 per-tensor weights, uint8 activations, moving-average "
            "MinMax, MatMuls with a constant weight, outputs not quantized (onnxquant's INT8_TRANSFORMER_DEFAULT settings)",
            (), peer="ort_static_int8"),
@@ -214,6 +216,8 @@ RECIPES = {r.name: r for r in (
            "(INT8_PER_CHANNEL's settings)", (), peer="ort_static_int8_pc"),
     Recipe("peer_builder_k_quant_mixed_b32", "ORT-GenAI builder -p int4 algo_config=k_quant_mixed, block 32",
            ("--block_size", "32", "--algo", "k_quant_mixed"), peer="builder_int4"),
+    Recipe("w4a16_sequential", "w4a16 with sequential GPTQ: each Hessian from the outputs of the layers already rounded",
+           ("--recipe", "w4a16", "--sequential")),
     # Mixed precision under a budget (onnxquant.mixed_precision): the plot joins these into one curve.
     *(Recipe(f"w4a16_within_{size:g}MB", f"w4a16 with each node's format searched for the best held-out perplexity within {size:g} MB",
              ("--recipe", "w4a16", "--max_size_mb", f"{size:g}")) for size in (100, 113.6, 130, 150)),
@@ -456,7 +460,7 @@ def write_plot(rows: list[Row], path: Path, title: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = {"float": "tab:gray", "onnxquant W8A8": "tab:blue", "onnxquant W4A16": "tab:green",
-              "onnxquant FP8 / microscaling": "tab:purple", "peers (ORT, ORT-GenAI builder)": "tab:red",
+              "onnxquant FP8 / microscaling": "tab:purple", "peers (ORT, ORT-GenAI builder, Olive)": "tab:red",
               "onnxquant mixed precision (budget)": "tab:orange"}
     shown = [row for row in rows if not row.extra.get("crashed") and np.isfinite(row.ppl)]
     for series, color in colors.items():
