@@ -285,6 +285,18 @@ def collapse_guard(quality, recipe: Recipe, settings):
     return quality
 
 
+def _require_export_memory(name: str, model_bytes: int, available: int | None) -> None:
+    """Refuse an export whose builder would not fit in memory, naming the largest model that would."""
+    from onnxquant.exporter import EXPORT_PEAK_BASE, EXPORT_PEAK_RATIO, export_peak_bytes
+
+    needed = export_peak_bytes(model_bytes)
+    if available is not None and needed > available:
+        largest = max(0.0, (available - EXPORT_PEAK_BASE) / EXPORT_PEAK_RATIO)
+        fail(f"exporting {name} needs about {needed / 1e9:.1f} GB of memory (the ORT-GenAI builder holds the whole "
+             f"float32 model, {model_bytes / 1e9:.1f} GB) but {available / 1e9:.1f} GB are available: the largest model "
+             f"that fits here is about {largest / 4e9:.1f} B parameters; free memory or export on a larger machine")
+
+
 def export(model: str | Path | None, output: str | Path, *, precision: str = "fp32", execution_provider: str = "cpu",
            exporter: str = "builder", optimum_python: str | None = None, overwrite: bool = False) -> Path:
     """Export a Hugging Face checkpoint folder or GGUF file (None: the embedded SmolLM2-135M-Instruct) into the
@@ -293,10 +305,10 @@ def export(model: str | Path | None, output: str | Path, *, precision: str = "fp
     >>> export(None, "runs/smollm2-fp32")  # doctest: +SKIP
     PosixPath('runs/smollm2-fp32')
     """
-    from onnxquant.checkpoint import float32_export_bytes, resolve_model_source
+    from onnxquant.checkpoint import float32_export_bytes, float32_model_bytes, resolve_model_source
     from onnxquant.exporter import export_model
     from onnxquant.optimum_export import optimum_python as find_optimum_python
-    from onnxquant.staging import check_output_dir, claimed_output, require_free_space
+    from onnxquant.staging import available_memory_bytes, check_output_dir, claimed_output, require_free_space
 
     source = resolve_model_source(None if model is None else str(model))
     output = Path(output)
@@ -314,6 +326,8 @@ def export(model: str | Path | None, output: str | Path, *, precision: str = "fp
     with claimed_output(output):
         check_output_dir(output, [source.path], overwrite)
         require_free_space(output, float32_export_bytes(source), f"exporting {source.path.name}")
+        if optimum is None:
+            _require_export_memory(source.path.name, float32_model_bytes(source), available_memory_bytes())
         export_model(source, output, precision, execution_provider, optimum)
     return output
 

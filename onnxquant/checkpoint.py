@@ -244,11 +244,15 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, torch, AutoConfig, AutoModelFo
 
 def float32_export_bytes(source: ModelSource) -> int:
     """About how many bytes exporting `source` in float32 writes (GGUF: the dequantized checkpoint too)."""
+    return (2 if source.kind == "gguf" else 1) * float32_model_bytes(source)
+
+
+def float32_model_bytes(source: ModelSource) -> int:
+    """About how many bytes `source`'s weights take in float32."""
     if source.kind == "gguf":
         from gguf import GGUFReader
 
-        elements = sum(int(t.n_elements) for t in GGUFReader(str(source.path)).tensors)
-        return 2 * 4 * elements
+        return 4 * sum(int(t.n_elements) for t in GGUFReader(str(source.path)).tensors)
     config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
     widen = 2 if str(config.get("torch_dtype", config.get("dtype", "float32"))) in ("float16", "bfloat16") else 1
     weights = [f for pattern in ("*.safetensors", "*.bin") for f in source.path.glob(pattern)]

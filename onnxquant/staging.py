@@ -154,6 +154,26 @@ def require_free_space(output: Path, needed_bytes: int, what: str) -> None:
              "free some space or choose another output location")
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), None off Linux."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def require_free_memory(needed_bytes: int, what: str, instead: str) -> None:
+    """Refuse to start a run whose estimated peak memory exceeds what this machine has available."""
+    available = available_memory_bytes()
+    if available is not None and needed_bytes > available:
+        fail(f"{what} needs about {needed_bytes / 1e9:.1f} GB of memory but {available / 1e9:.1f} GB are available; "
+             f"{instead}")
+
+
 @contextlib.contextmanager
 def staged_output_dir(output: Path) -> Iterator[Path]:
     """Yield a fresh folder beside `output`; on success it replaces `output`, on failure it is removed."""

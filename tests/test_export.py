@@ -41,3 +41,21 @@ def test_embedded_smollm2_export_shapes(smollm2_onnx):
     folder = open_genai_folder(smollm2_onnx)
     assert (folder.hidden_size, folder.num_layers, folder.num_heads, folder.num_kv_heads) == (576, 30, 9, 3)
     assert (smollm2_onnx / "model.onnx.data").stat().st_size > 500e6
+
+
+def test_export_that_cannot_fit_in_memory_is_refused_before_work(tiny_models, tmp_path, monkeypatch):
+    import onnxquant
+    from onnxquant import staging
+    from onnxquant.errors import UserError
+
+    monkeypatch.setattr(staging, "available_memory_bytes", lambda: 300_000_000)  # below the builder's base
+    with pytest.raises(UserError, match=r"needs about 0\.5 GB of memory .* the largest model that fits here is about 0\.0 B"):
+        onnxquant.export(tiny_models.hf("tiny-llama-96"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_peak_estimate_covers_the_measured_peak():
+    from onnxquant.exporter import export_peak_bytes
+
+    # Qwen2.5-Coder-1.5B: 7,108,352,000 bytes of float32 weights, export peak RSS 9,081,652 KiB (ratio 1.31)
+    assert 9_081_652 * 1024 <= export_peak_bytes(7_108_352_000) <= 1.1 * 9_081_652 * 1024

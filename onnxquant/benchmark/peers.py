@@ -120,7 +120,10 @@ def olive(kind: str, source: Path, gguf: str, output: Path, block_size: int, cal
             text = Path(work) / "calibration.txt"
             text.write_text(resolve_text(calib_data, None, "validation"), encoding="utf-8")
             command += ["--hf", str(hf), "--calib_text", str(text), "--num_calib_data", str(count), "--seq_len", str(seq_len)]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        run = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if run.returncode != 0:
+            errors = [line for line in run.stderr.splitlines() if "error" in line.lower()] or run.stderr.splitlines()[-1:]
+            fail(f"{kind}: {(errors or ['exit ' + str(run.returncode)])[-1].strip()}")
 
 
 def main(argv: list[str] | None = None) -> int:
