@@ -166,14 +166,6 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def require_free_memory(needed_bytes: int, what: str, instead: str) -> None:
-    """Refuse to start a run whose estimated peak memory exceeds what this machine has available."""
-    available = available_memory_bytes()
-    if available is not None and needed_bytes > available:
-        fail(f"{what} needs about {needed_bytes / 1e9:.1f} GB of memory but {available / 1e9:.1f} GB are available; "
-             f"{instead}")
-
-
 @contextlib.contextmanager
 def staged_output_dir(output: Path) -> Iterator[Path]:
     """Yield a fresh folder beside `output`; on success it replaces `output`, on failure it is removed."""

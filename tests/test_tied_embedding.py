@@ -107,12 +107,12 @@ def test_shared_request_that_cannot_share_is_refused(tiny_models, tmp_path, cali
 
 # --- R1 keeps the tie --------------------------------------------------------------------------
 
-def test_retie_after_r1_is_exact_and_restores_the_builder_form():
-    from test_pass_units import orthogonal, pairs
+def _retied_after_r1(rotation):
+    """The tied decoder after untie, norm folding and R1 by `rotation`, then RetieEmbeddingsPass: (model, pass,
+    logits before, logits after, the tie before)."""
+    from test_pass_units import pairs
 
     from onnxquant.passes import FoldNormIntoReadersPass, RetieEmbeddingsPass, RotateR1Pass
-    from onnxquant.patterns import find_tied_embedding
-    from test_pass_units import HIDDEN
 
     model = decoder(tied=True)
     feeds = ids_feed()
@@ -120,32 +120,34 @@ def test_retie_after_r1_is_exact_and_restores_the_builder_form():
     tie = tied_embedding(model.graph)
     UntieEmbeddingsPass()(model)
     FoldNormIntoReadersPass(pairs(model))(model)
-    RotateR1Pass(pairs(model), orthogonal(HIDDEN), {})(model)
+    RotateR1Pass(pairs(model), rotation, {})(model)
     retie = RetieEmbeddingsPass(*tie)
-    assert retie(model).modified and retie.residual < 1e-6
-    np.testing.assert_allclose(run(model, feeds)[0], before[0], rtol=1e-4, atol=1e-4)
+    assert retie(model).modified
+    return model, retie, before[0], run(model, feeds)[0], tie
+
+
+def test_retie_after_r1_is_exact_and_restores_the_builder_form():
+    from test_pass_units import HIDDEN, orthogonal
+
+    from onnxquant.patterns import find_tied_embedding
+
+    model, retie, before, after, tie = _retied_after_r1(orthogonal(HIDDEN))
+    assert retie.residual < 1e-6 and not retie.online
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
     assert find_tied_embedding(model.graph) is not None
     assert tied_embedding(model.graph) == tie
 
 
 def test_retie_after_a_hadamard_r1_mixes_online_in_float():
     """R1 by a (signed) Hadamard: M = Hᵀ diag(γ) H runs as small rotations around a Mul, no dense hidden² weight."""
-    from test_pass_units import HIDDEN, pairs
+    from test_pass_units import HIDDEN
 
     from onnxquant.hadamard import rotation_matrix
-    from onnxquant.passes import FoldNormIntoReadersPass, RetieEmbeddingsPass, RotateR1Pass
     from onnxquant.patterns import ONLINE_ROTATION_KEY
 
-    model = decoder(tied=True)
-    feeds = ids_feed()
-    before = run(model, feeds)
-    tie = tied_embedding(model.graph)
-    UntieEmbeddingsPass()(model)
-    FoldNormIntoReadersPass(pairs(model))(model)
-    RotateR1Pass(pairs(model), rotation_matrix(HIDDEN, random_signs=True).matrix, {})(model)
-    retie = RetieEmbeddingsPass(*tie)
-    assert retie(model).modified and retie.online
-    np.testing.assert_allclose(run(model, feeds)[0], before[0], rtol=1e-4, atol=1e-4)
+    model, retie, before, after, tie = _retied_after_r1(rotation_matrix(HIDDEN, random_signs=True).matrix)
+    assert retie.online
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
     mixing = [node for node in model.graph if node.op_type == "MatMul" and "tied_input" in node.name]
     assert len(mixing) == 4 and all(ONLINE_ROTATION_KEY in node.metadata_props for node in mixing)
     assert max(v.const_value.size for v in model.graph.initializers.values() if "tied_input" in v.name) < HIDDEN * HIDDEN
