@@ -28,6 +28,7 @@ what Olive/the builder wrote are copied from FLOAT_ONNX_FOLDER. The last stdout 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -290,15 +291,13 @@ def builder_main(argv: list[str]) -> None:
     1. Symmetric Olive checkpoints have no qzeros; the builder's packed-QKV helper torch.cat()s them
        anyway ("TypeError: expected Tensor as element 0 in argument 0, but got NoneType"). With None the
        MatMulNBits gets no zero_points input, i.e. the implicit 8 = Olive's symmetric zero point.
-    2. transformers 5 per-layer-type RoPE configs (Gemma 3) flattened as the builder expects (as
-       onnxquant.builder_compat does).
+    2. transformers 5 per-layer-type RoPE configs (Gemma 3) flattened as the builder expects, by running it
+       through onnxquant/builder_compat.py.
     """
-    import runpy
 
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path)
     import torch
     from builders import base  # the module object the builder itself uses
-    from transformers import AutoConfig
 
     def packed_int4_class(self, q, k, v):
         if not hasattr(q, "qweight"):
@@ -322,20 +321,13 @@ def builder_main(argv: list[str]) -> None:
 
     base.Model.make_packed_matmul_int4_class = packed_int4_class
 
-    load = AutoConfig.from_pretrained
-
-    def from_pretrained(*a, **kw):
-        config = load(*a, **kw)
-        rope = getattr(config, "rope_parameters", None)
-        if isinstance(rope, dict) and "full_attention" in rope and "sliding_attention" in rope:
-            config.rope_local_base_freq = rope["sliding_attention"]["rope_theta"]
-            config.rope_parameters = dict(rope["full_attention"])
-            config.rope_theta = config.rope_parameters["rope_theta"]
-        return config
-
-    AutoConfig.from_pretrained = from_pretrained
-    sys.argv = ["onnxruntime_genai.models.builder", *argv]
-    runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)
+    # onnxquant's own builder launcher (transformers 5's per-layer-type RoPE flattened), loaded by path: this
+    # venv has no onnxquant installed, and builder_compat imports only the standard library at load time.
+    spec = importlib.util.spec_from_file_location("builder_compat", Path(__file__).resolve().parents[1] / "onnxquant" / "builder_compat.py")
+    compat = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compat)
+    sys.argv = ["builder_compat", *argv]
+    compat.main()
 
 
 def main() -> None:
