@@ -424,10 +424,12 @@ class SpillingStore:
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self.arrays:
             return self.arrays[name]
-        if self._last_read is None or self._last_read[0] != name:
-            self._last_read = None  # drop the previous array before reading the next
-            self._last_read = (name, np.load(self.files[name]))
-        return self._last_read[1]
+        # A local copy: another thread may replace _last_read between reading the file and returning it.
+        last = self._last_read
+        if last is None or last[0] != name:
+            self._last_read = last = None  # drop the previous array before reading the next
+            last = self._last_read = (name, np.load(self.files[name]))
+        return last[1]
 
     def get(self, name: str, default: np.ndarray | None = None) -> np.ndarray | None:
         return self[name] if name in self else default

@@ -235,6 +235,17 @@ class CacheSize:
                 f"(float32 {self.float_bytes_per_token:.0f}, {self.float_bytes_per_token / self.bytes_per_token:.0f}x smaller)")
 
 
+def stored_cache_size(folder: GenAIFolder) -> CacheSize:
+    """The cache size of a finished folder, from the element type of its first past key input."""
+    import onnx
+
+    graph = onnx.load(str(folder.model_file), load_external_data=False).graph
+    past = {value.name: value for value in graph.input}.get(folder.past_names()[0])
+    stored = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "int4", onnx.TensorProto.FLOAT16: "float16",
+              onnx.TensorProto.FLOAT8E4M3FN: "fp8"}
+    return cache_size(folder, "float32" if past is None else stored.get(past.type.tensor_type.elem_type, "float32"))
+
+
 def cache_size(folder: GenAIFolder, dtype: str) -> CacheSize:
     """Bytes of KV cache per token (the scales are per layer, not per token)."""
     width = (folder.head_size + 1) // 2 if dtype == "int4" else folder.head_size

@@ -41,7 +41,7 @@ def test_benchmark_prints_the_table_for_every_recipe(tiny_models, tmp_path, cali
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    header = "| config | ppl | delta_pct | quant_s | quant_vs_floor | peak_rss_mb | size_mb | prefill_ms | decode_tok_s |"
+    header = "| config | ppl | delta_pct | quant_s | quant_vs_floor | peak_rss_mb | size_mb | kv_bytes_tok | prefill_ms | decode_tok_s |"
     assert text.count(header) == 2  # main table and alpha sweep
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| (\S+) \| ([\d.]+) \|.*$", text, re.M)}
     assert {"float", "int8", "int8+r1+sq", "int8+r1+sq@0.3", "int8+r1+sq@0.5"} <= rows.keys()
@@ -57,7 +57,8 @@ def test_benchmark_prints_the_table_for_every_recipe(tiny_models, tmp_path, cali
     # that loaded onnxruntime (measured 220 MB), not the launcher's
     assert ratio > 1 and rss > 100
     assert size < float(rows["float"].split("|")[7])  # int8 weights make the file smaller
-    assert float(cells[8]) > 0  # decode tokens/s measured
+    assert float(cells[7]) == 2 * int8.num_layers * int8.num_kv_heads * int8.head_size * 4  # a float32 KV cache per token
+    assert float(cells[9]) > 0  # decode tokens/s measured
 
 
 def test_child_peak_rss_does_not_include_the_parents(tmp_path):

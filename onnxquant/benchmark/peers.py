@@ -5,6 +5,8 @@ onnxquant's validator measures it the same way:
     python -m onnxquant.benchmark.peers ort_static_int8|ort_static_int8_pc --input FLOAT_FOLDER --output OUT \
         [--calib_data FILE] [--num_calib_data 64] [--seq_len 512]
     python -m onnxquant.benchmark.peers builder_int4 --gguf FILE_OR_EMPTY --output OUT [--block_size 128] [--algo default|k_quant_mixed]
+    python -m onnxquant.benchmark.peers builder_kv --input FLOAT_FOLDER --output OUT --kv_scheme int8_per_channel \
+        [--gguf FILE_OR_EMPTY] [--calib_data FILE] [--num_calib_data 64] [--seq_len 512]
     python -m onnxquant.benchmark.peers olive_rtn|olive_gptq --input FLOAT_FOLDER --output OUT [--block_size 128] \
         [--gguf FILE_OR_EMPTY] [--calib_data FILE] [--num_calib_data 64] [--seq_len 512]
 
@@ -15,7 +17,10 @@ quantize_static on the float export, W8A8 QDQ with the settings of onnxquant's I
 moving-average MinMax (onnxquant's averaging constant) over the same calibration windows onnxquant reads,
 every MatMul with a constant weight, its output left in float. builder_int4: the ORT-GenAI model
 builder's `-p int4` (accuracy level 4, its CPU default) from the Hugging Face checkpoint (the embedded
-SmolLM2 GGUF when --gguf is empty). olive_rtn, olive_gptq: Microsoft Olive (olive-ai 0.13), which does not
+SmolLM2 GGUF when --gguf is empty). builder_kv: the builder's own KV-cache calibration
+(`onnxruntime_genai.models.quantization.kv_cache_calibration`, its defaults: percentile 99.99 per channel, K on
+the rotary envelope) run on the float export over the same calibration text and window count, then the builder
+rebuilding the float model with `kv_cache_quant_scheme` and that scale file. olive_rtn, olive_gptq: Microsoft Olive (olive-ai 0.13), which does not
 install beside onnxquant's pins (its own torch and transformers): tools/olive_peer.py runs under the Python
 named by $ONNXQUANT_OLIVE_PYTHON. olive_rtn is its OnnxBlockWiseRtnQuantization on the float export
 (symmetric, accuracy level 4, as Olive's defaults); olive_gptq its own Gptq pass (symmetric, on the CPU) on
@@ -34,8 +39,8 @@ from onnxquant.errors import run_cli
 from onnxquant.genai_folder import copy_sidecar_files, open_genai_folder
 from onnxquant.staging import staged_output_dir
 
-PEERS = ("ort_rtn_asym", "ort_rtn_sym", "ort_hqq", "ort_static_int8", "ort_static_int8_pc", "builder_int4", "olive_rtn",
-         "olive_gptq")
+PEERS = ("ort_rtn_asym", "ort_rtn_sym", "ort_hqq", "ort_static_int8", "ort_static_int8_pc", "builder_int4", "builder_kv",
+         "olive_rtn", "olive_gptq")
 OLIVE_PYTHON = "ONNXQUANT_OLIVE_PYTHON"
 
 
@@ -78,15 +83,8 @@ def ort_static_int8(source: Path, output: Path, calib_data: Path | None, count: 
 
 
 def builder_int4(gguf: str, output: Path, block_size: int, algo: str) -> None:
-    from onnxquant.checkpoint import gguf_to_hf_folder, resolve_model_source
-
-    source = resolve_model_source(gguf or None)
     with staged_output_dir(output) as staging, tempfile.TemporaryDirectory() as work:
-        hf = Path(work) / "hf"
-        if source.kind == "gguf":
-            gguf_to_hf_folder(source.path, hf)
-        else:
-            hf = source.path
+        hf = _hf_checkpoint(gguf, Path(work))
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(staging), "-p", "int4",
                    "-e", "cpu", "-c", str(Path(work) / "cache"), "--extra_options", f"block_size={block_size}"]
         if algo != "default":
@@ -95,11 +93,37 @@ def builder_int4(gguf: str, output: Path, block_size: int, algo: str) -> None:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
+def _hf_checkpoint(gguf: str, work: Path) -> Path:
+    from onnxquant.checkpoint import gguf_to_hf_folder, resolve_model_source
+
+    source = resolve_model_source(gguf or None)
+    if source.kind != "gguf":
+        return source.path
+    gguf_to_hf_folder(source.path, work / "hf")
+    return work / "hf"
+
+
+def builder_kv(source: Path, gguf: str, output: Path, scheme: str, calib_data: Path | None, count: int, seq_len: int) -> None:
+    from onnxruntime_genai.models.quantization.kv_cache_calibration import calibrate_kv_scales
+
+    from onnxquant.data import resolve_text
+
+    folder = open_genai_folder(source)
+    with staged_output_dir(output) as staging, tempfile.TemporaryDirectory() as work:
+        scales = Path(work) / "kv_scales.json"
+        calibrate_kv_scales(str(folder.model_file), str(folder.path), str(scales), quant_type=scheme, target_seq=seq_len,
+                            num_seqs=count, corpus=[resolve_text(calib_data, None, "validation")])
+        hf = _hf_checkpoint(gguf, Path(work))
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(staging), "-p", "fp32",
+                   "-e", "cpu", "-c", str(Path(work) / "cache"), "--extra_options", f"kv_cache_quant_scheme={scheme}",
+                   f"kv_cache_scale_file={scales}"]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
 def olive(kind: str, source: Path, gguf: str, output: Path, block_size: int, calib_data: Path | None, count: int,
           seq_len: int) -> None:
     import os
 
-    from onnxquant.checkpoint import gguf_to_hf_folder, resolve_model_source
     from onnxquant.data import resolve_text
     from onnxquant.errors import fail
 
@@ -112,11 +136,7 @@ def olive(kind: str, source: Path, gguf: str, output: Path, block_size: int, cal
         command = [python, str(script), kind.removeprefix("olive_"), "--onnx", str(source), "--output", str(staging),
                    "--block_size", str(block_size), "--overwrite"]
         if kind == "olive_gptq":
-            model = resolve_model_source(gguf or None)
-            hf = model.path
-            if model.kind == "gguf":
-                hf = Path(work) / "hf"
-                gguf_to_hf_folder(model.path, hf)
+            hf = _hf_checkpoint(gguf, Path(work))
             text = Path(work) / "calibration.txt"
             text.write_text(resolve_text(calib_data, None, "validation"), encoding="utf-8")
             command += ["--hf", str(hf), "--calib_text", str(text), "--num_calib_data", str(count), "--seq_len", str(seq_len)]
@@ -133,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", default="", help="GGUF or HF folder for builder_int4 (default: the embedded model)")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--kv_scheme", default="int8_per_channel", help="builder_kv: its kv_cache_quant_scheme")
     parser.add_argument("--algo", default="default", help="builder_int4: its algo_config (default, k_quant_mixed, ...)")
     parser.add_argument("--calib_data", type=Path, help="ort_static_*: calibration text (default: the embedded validation split)")
     parser.add_argument("--num_calib_data", type=int, default=64, help="ort_static_*: calibration windows")
@@ -140,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.peer == "builder_int4":
         builder_int4(args.gguf, args.output, args.block_size, args.algo)
+    elif args.peer == "builder_kv":
+        builder_kv(args.input, args.gguf, args.output, args.kv_scheme, args.calib_data, args.num_calib_data, args.seq_len)
     elif args.peer.startswith("olive_"):
         olive(args.peer, args.input, args.gguf, args.output, args.block_size, args.calib_data, args.num_calib_data,
               args.seq_len)

@@ -14,6 +14,7 @@ its result back as JSON; perplexity and speed are measured here through the API.
 - quant_vs_floor: quant_s / the calibration floor, the seconds of one plain ORT forward pass of the
   float model over the same calibration tokens (session creation excluded), measured first;
 - size_mb: model.onnx + external data on disk;
+- kv_bytes_tok: KV cache bytes per token of context (all layers, K and V), from the model's cache inputs;
 - prefill_ms: one --prefill_tokens sequence from an empty KV cache in plain ORT;
 - decode_tok_s: --new_tokens greedy tokens through ORT-GenAI after a 128-token prompt;
   both the median of 5 rounds taken once every model is built, each round timing every model once
@@ -46,11 +47,13 @@ from onnxquant.cli import HelpFormatter
 from onnxquant.data import EMBEDDED_SPLITS, calibration_windows, resolve_text, tokenize
 from onnxquant.errors import fail, run_cli
 from onnxquant.genai_folder import GenAIFolder, model_bytes, open_genai_folder, standard_model_name
+from onnxquant.kv_cache import stored_cache_size
 from onnxquant.runtime import input_specs, make_session, prefill_feeds, usable_cores
 from onnxquant.schemes import SCHEMES
 
 SPEED_ROUNDS = 5
-COLUMNS = ("config", "ppl", "delta_pct", "quant_s", "quant_vs_floor", "peak_rss_mb", "size_mb", "prefill_ms", "decode_tok_s")
+COLUMNS = ("config", "ppl", "delta_pct", "quant_s", "quant_vs_floor", "peak_rss_mb", "size_mb", "kv_bytes_tok", "prefill_ms",
+           "decode_tok_s")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class Recipe:
             return "float"
         if self.peer is not None:
             return "peers (ORT, ORT-GenAI builder, Olive)"
+        if "--skip_quantization" in self.flags:
+            return "float"  # float weights (a quantized KV cache at most)
         if "--max_size_mb" in self.flags or "--max_delta" in self.flags:
             return "onnxquant mixed precision (budget)"
         if self.flags[:1] == ("--recipe",):
@@ -216,6 +221,18 @@ RECIPES = {r.name: r for r in (
            "(INT8_PER_CHANNEL's settings)", (), peer="ort_static_int8_pc"),
     Recipe("peer_builder_k_quant_mixed_b32", "ORT-GenAI builder -p int4 algo_config=k_quant_mixed, block 32",
            ("--block_size", "32", "--algo", "k_quant_mixed"), peer="builder_int4"),
+    # Quantized KV caches on the float weights (onnxquant's kv_cache stage, the builder's calibrator + rebuild),
+    # and composed with the weight recipes.
+    Recipe("kv_int8_per_channel", "float weights, INT8 per-channel KV cache (minmax, K on the rotary envelope)",
+           ("--skip_quantization", "--kv_cache_quant_scheme", "int8_per_channel")),
+    Recipe("kv_int4_per_channel", "float weights, INT4 per-channel KV cache (percentile 99.99, K on its window's values)",
+           ("--skip_quantization", "--kv_cache_quant_scheme", "int4_per_channel", "--kv_cache_calib_method", "percentile+99.99",
+            "--no_kv_rotary_envelope")),
+    *(Recipe(f"peer_builder_kv_{scheme}", f"ORT-GenAI kv_cache_calibration (its defaults) + the builder's rebuild, {scheme} "
+             "KV cache, float weights", ("--kv_scheme", scheme), peer="builder_kv")
+      for scheme in ("int8_per_channel", "int4_per_channel")),
+    Recipe("w8a8_kv_int8", "w8a8 with an INT8 per-channel KV cache", ("--recipe", "w8a8", "--kv_cache_quant_scheme", "int8_per_channel")),
+    Recipe("w4a16_kv_int8", "w4a16 with an INT8 per-channel KV cache", ("--recipe", "w4a16", "--kv_cache_quant_scheme", "int8_per_channel")),
     Recipe("w4a16_sequential", "w4a16 with sequential GPTQ: each Hessian from the outputs of the layers already rounded",
            ("--recipe", "w4a16", "--sequential")),
     # Mixed precision under a budget (onnxquant.mixed_precision): the plot joins these into one curve.
@@ -240,6 +257,7 @@ class Row:
     quant_vs_floor: float | None = None
     peak_rss_mb: float | None = None
     size_mb: float = 0.0
+    kv_bytes_per_token: float | None = None  # KV cache bytes per token, all layers, K and V
     prefill_ms: float | None = None  # filled by measure_speeds once every model is built
     decode_tok_s: float | None = None
     extra: dict = field(default_factory=dict)
@@ -250,10 +268,10 @@ class Row:
             return "–" if value is None else format(value, spec)
 
         if self.extra.get("crashed"):
-            return [self.config, "crashed", "–", "–", "–", "–", "–", "–", self.extra["summary"].replace("|", "/")]
+            return [self.config, "crashed", "–", "–", "–", "–", "–", "–", "–", self.extra["summary"].replace("|", "/")]
         return [self.config, f"{self.ppl:.4f}", f"{self.delta_pct:+.2f}", fmt(self.quant_s, ".1f"),
                 fmt(self.quant_vs_floor, ".2f"), fmt(self.peak_rss_mb, ".0f"), f"{self.size_mb:.1f}",
-                fmt(self.prefill_ms, ".0f"), fmt(self.decode_tok_s, ".1f")]
+                fmt(self.kv_bytes_per_token, ".0f"), fmt(self.prefill_ms, ".0f"), fmt(self.decode_tok_s, ".1f")]
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -394,6 +412,7 @@ class Bench:
 
     def keep(self, folder: GenAIFolder, row: Row) -> Row:
         row.size_mb, row.model = model_size_mb(folder), folder
+        row.kv_bytes_per_token = stored_cache_size(folder).bytes_per_token
         return row
 
     def speeds(self, rows: list[Row]) -> None:
