@@ -179,7 +179,9 @@ class NodeOptions:
     sizes: list[int]
     # Relative output error of each format. (Weighting it by how much of the residual stream each node writes,
     # the stream's energy summed over earlier writes, made the 113.6 MB SmolLM2 point worse: held-out +5.41%
-    # against +4.91%; the weights spanned 1000x, RMSNorm undoes most of the stream's growth.)
+    # against +4.91%; the weights spanned 1000x, RMSNorm undoes most of the stream's growth. The error of each
+    # weight as GPTQ rounds it, instead of round to nearest, made it worse too: 113.6 MB after R1, held-out +5.53%
+    # against +6.27% but test 22.7391 against 22.6547: GPTQ fits the very Hessian the error is measured on.)
     errors: list[float]
 
 
@@ -205,22 +207,8 @@ def _embedding_errors(table: np.ndarray, specs) -> list[float]:
     return errors
 
 
-def _rounded_error(weight: np.ndarray, hessian: np.ndarray, rounded, noise: float) -> float:
-    """Relative output error of `rounded` (the weight as the recipe's algorithm rounds it) plus `noise`."""
-    weight = np.asarray(weight, dtype=np.float32)
-    hessian = np.asarray(hessian, dtype=np.float32)
-    delta = rounded.dequantize().astype(np.float32) - weight
-    error = float(np.einsum("kn,kn->", delta, hessian @ delta, dtype=np.float64))
-    clean = float(np.einsum("kn,kn->", weight, hessian @ weight, dtype=np.float64))
-    return (error + noise) / max(clean, np.finfo(np.float64).tiny)
-
-
-def node_options(ctx, plan, candidates: tuple[QuantSpec | None, ...], hessians, tokens, ranges,
-                 rounder_for_format=None) -> list[NodeOptions]:
-    """Every planned node's candidate formats with their bytes and modelled errors. With
-    `rounder_for_format` (a fresh weight rounder for each candidate format, e.g. GPTQ's) a MatMul's
-    errors are those of its weight as that rounder rounds it, not as round to nearest does."""
-    from onnxquant.algorithms.sensitivity import activation_noise_energy
+def node_options(ctx, plan, candidates: tuple[QuantSpec | None, ...], hessians, tokens, ranges) -> list[NodeOptions]:
+    """Every planned node's candidate formats with their bytes and modelled errors."""
     from onnxquant.graph_utils import read_initializer
     from onnxquant.patterns import constant_weight, nodes_by_name
     from onnxquant.runtime import usable_cores
@@ -249,28 +237,7 @@ def node_options(ctx, plan, candidates: tuple[QuantSpec | None, ...], hessians, 
 
     # Nodes are modelled on one thread per core; numpy's products release the GIL.
     with ThreadPoolExecutor(usable_cores()) as pool, threadpool_limits(1, user_api="blas"):
-        modelled = list(tqdm(pool.map(options, names), total=len(names), desc="modelling formats", unit="node"))
-        if rounder_for_format is None:
-            return modelled
-        matmuls = [o for o in modelled if o.op == "MatMul"]
-        for spec in dict.fromkeys(spec for o in matmuls for spec in o.specs if spec is not None):
-            rounder = rounder_for_format()  # one per format: each Hessian's prepared factor goes after its readers
-
-            def rounded(o: NodeOptions, spec=spec, rounder=rounder) -> None:
-                if spec not in o.specs:
-                    return
-                value, activation = constant_weight(by_name[o.name]), reader_input[o.name]
-                hessian = hessians[activation]
-
-                def error(w: np.ndarray) -> float:
-                    noise = activation_noise_energy(w.astype(np.float32), hessian, tokens[activation], plan.activation_spec,
-                                                    ranges.get(activation))
-                    return _rounded_error(w, hessian, rounder(o.name, w, spec), noise)
-
-                o.errors[o.specs.index(spec)] = read_initializer(value, error)
-
-            list(tqdm(pool.map(rounded, matmuls), total=len(matmuls), desc=f"modelling {format_name(spec)}", unit="node"))
-    return modelled
+        return list(tqdm(pool.map(options, names), total=len(names), desc="modelling formats", unit="node"))
 
 
 # --- allocation ----------------------------------------------------------------------------------
@@ -452,7 +419,7 @@ class PlanSearch:
     def __call__(self, ctx, output_model: Path, times) -> None:
         from onnxquant import recipes
         from onnxquant.passes import UntieEmbeddingsPass
-        from onnxquant.pipeline import activation_ranges, hessian_tokens, quantize_pass, run_passes, save_result, weight_rounder
+        from onnxquant.pipeline import activation_ranges, hessian_tokens, quantize_pass, run_passes, save_result
         from onnxquant.plan import plan_quantization
         import onnx_ir as ir
 
@@ -462,19 +429,12 @@ class PlanSearch:
         candidates = candidates_of(self.recipe, scheme)
         hessians = ctx.state["hessian_store"]
         ranges = activation_ranges(ctx)
-        # Every weight the error model rounds is kept for the points, which then write it without rounding again.
-        rounder_cache = CachedRounder(ctx.scratch / "rounded")
-
-        def rounder_for_format() -> CachedRounder:
-            rounder_cache.inner = weight_rounder(ctx, plan, hessians, keep_hessians=True, progress=False)
-            return rounder_cache
-
         with times.phase("search_model_errors"):
-            options = node_options(ctx, plan, candidates, hessians, hessian_tokens(ctx), ranges,
-                                   rounder_for_format if settings.rounds_with_hessians else None)
+            options = node_options(ctx, plan, candidates, hessians, hessian_tokens(ctx), ranges)
         # Bytes outside the planned weights: first the float graph's other initializers, then what each
         # measured point shows (its file size less its modelled weights).
         fixed = [self.unplanned_bytes(ctx.model.graph, plan)]
+        rounder_cache = CachedRounder(ctx.scratch / "rounded")
         trials = ctx.scratch / "points"
         measured = self.measured
 
@@ -491,7 +451,7 @@ class PlanSearch:
                 UntieEmbeddingsPass()(ctx.model)
                 point_plan = plan_quantization(ctx.model.graph, point_scheme)
                 point_ctx = dataclasses.replace(ctx, settings=dataclasses.replace(settings, scheme=point_scheme))
-                quantize_graph = quantize_pass(point_ctx, point_plan, ranges, hessians, keep_hessians=True, progress=False)
+                quantize_graph = quantize_pass(point_ctx, point_plan, ranges, hessians, keep_hessians=True)
                 rounder_cache.inner = quantize_graph.rounder
                 quantize_graph.rounder = rounder_cache
                 run_passes(ctx.model, [quantize_graph])

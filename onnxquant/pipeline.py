@@ -603,20 +603,13 @@ def hessian_tokens(ctx: StageContext) -> dict[str, int]:
     return ctx.hessian_tokens or {name: observer.tokens for name, observer in ctx.state["hessian_observers"].items()}
 
 
-def weight_rounder(ctx: StageContext, plan: QuantPlan, hessians: SpillingStore | None, keep_hessians: bool = False,
-                   progress: bool = True) -> _WeightRounder:
-    """Rounds each of `plan`'s weights with its node's algorithm, from `hessians` where it reads them."""
-    sequential = ctx.state.get("sequential")
-    return _WeightRounder(plan, hessians if ctx.settings.rounds_with_hessians and sequential is None else None,
-                          ctx.settings.gptq, keep_hessians, progress)
-
-
 def quantize_pass(ctx: StageContext, plan: QuantPlan, ranges: dict[str, tuple[float, float]],
-                  hessians: SpillingStore | None, keep_hessians: bool = False, progress: bool = True) -> QuantizeGraphPass:
+                  hessians: SpillingStore | None, keep_hessians: bool = False) -> QuantizeGraphPass:
     """The pass that writes `plan` into the model, rounding each weight with its node's algorithm."""
     scheme = ctx.settings.scheme
     sequential = ctx.state.get("sequential")
-    rounder = weight_rounder(ctx, plan, hessians, keep_hessians, progress)
+    rounder = _WeightRounder(plan, hessians if ctx.settings.rounds_with_hessians and sequential is None else None,
+                             ctx.settings.gptq, keep_hessians)
     if sequential is not None:  # calibration rounded the weights with Hessians; the rest are rounded now
         sequential.cache.inner, rounder = rounder, sequential.cache
     description = {"config": scheme.name, "algo": scheme.algo, "calibration": scheme.calibration.__dict__}

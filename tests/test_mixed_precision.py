@@ -10,8 +10,8 @@ import pytest
 
 import onnxquant
 from onnxquant.errors import UserError
-from onnxquant.mixed_precision import (Budget, MeasuredPoint, NodeOptions, PlanSearch, _rounded_error, allocate,
-                                       default_candidates, stored_bytes)
+from onnxquant.mixed_precision import (Budget, MeasuredPoint, NodeOptions, PlanSearch, allocate, default_candidates,
+                                       stored_bytes)
 from onnxquant.recipes import Grid, load_recipe
 from onnxquant.schemes import SCHEMES
 from onnxquant.spec import QuantSpec
@@ -25,19 +25,6 @@ def _options():
     # Two nodes, two formats each (small and noisy, big and clean): a's upgrade buys more error per byte.
     return [NodeOptions("a", "MatMul", [UINT4_B32, None], [10, 40], [1.0, 0.0]),
             NodeOptions("b", "MatMul", [UINT4_B32, None], [10, 40], [0.1, 0.0])]
-
-
-def test_modelled_error_is_the_algorithms_rounding_not_round_to_nearest():
-    from onnxquant.algorithms.gptq import gptq_round
-    from onnxquant.algorithms.sensitivity import matmul_sensitivity
-    from onnxquant.spec import round_to_nearest
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((512, 64)) @ rng.standard_normal((64, 64))  # correlated inputs: GPTQ has room to gain
-    hessian, weight = (x.T @ x).astype(np.float32), rng.standard_normal((64, 32)).astype(np.float32)
-    nearest = matmul_sensitivity(weight, hessian, 512, UINT4_B32, None, None)
-    assert _rounded_error(weight, hessian, round_to_nearest(weight, UINT4_B32), 0.0) == pytest.approx(nearest, rel=1e-5)
-    assert _rounded_error(weight, hessian, gptq_round(weight, hessian, UINT4_B32), 0.0) < 0.8 * nearest
 
 
 def test_allocation_spends_the_budget_where_error_per_byte_falls_most():
