@@ -134,3 +134,24 @@ def test_olive_peer_without_its_venv_says_how_to_make_one(tiny_models, tmp_path)
                             capture_output=True, text=True, timeout=300, env=env)
     assert_user_error(result, "ONNXQUANT_OLIVE_PYTHON", "install.md")
     assert not (tmp_path / "olive").exists()
+
+
+@pytest.mark.slow  # the builder's calibration and a builder rebuild in a child process
+def test_builder_kv_peer_writes_the_builders_int8_cache_over_the_same_weights(tiny_models, tmp_path, calib_text_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from onnxquant.genai_folder import open_genai_folder
+    from onnxquant.kv_cache import stored_cache_size
+
+    source = tiny_models.onnx("tiny-llama-96")
+    peer = subprocess.run([sys.executable, "-m", "onnxquant.benchmark.peers", "builder_kv", "--input", str(source),
+                           "--gguf", str(tiny_models.hf("tiny-llama-96")), "--output", str(tmp_path / "peer"),
+                           "--kv_scheme", "int8_per_channel", "--calib_data", str(calib_text_path), "--num_calib_data", "4",
+                           "--seq_len", "64"], capture_output=True, text=True, timeout=900)
+    assert peer.returncode == 0, peer.stderr[-3000:]
+    folder, float_folder = open_genai_folder(tmp_path / "peer"), open_genai_folder(source)
+    assert stored_cache_size(folder).bytes_per_token * 4 == stored_cache_size(float_folder).bytes_per_token
+    graph = onnx.load(str(folder.model_file)).graph
+    scales = [init for init in graph.initializer if init.name.endswith("attn.k_scale")]
+    assert len(scales) == folder.num_layers and all(numpy_helper.to_array(s).min() > 0 for s in scales)
