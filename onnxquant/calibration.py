@@ -427,7 +427,7 @@ class SpillingStore:
         # A local copy: another thread may replace _last_read between reading the file and returning it.
         last = self._last_read
         if last is None or last[0] != name:
-            self._last_read = last = None  # drop the previous array before reading the next
+            self._last_read = None  # drop the previous array before reading the next
             last = self._last_read = (name, np.load(self.files[name]))
         return last[1]
 

@@ -239,10 +239,11 @@ def stored_cache_size(folder: GenAIFolder) -> CacheSize:
     """The cache size of a finished folder, from the element type of its first past key input."""
     import onnx
 
+    from onnxquant.passes.quantize_kv_cache import CACHE_TYPES
+
     graph = onnx.load(str(folder.model_file), load_external_data=False).graph
     past = {value.name: value for value in graph.input}.get(folder.past_names()[0])
-    stored = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "int4", onnx.TensorProto.FLOAT16: "float16",
-              onnx.TensorProto.FLOAT8E4M3FN: "fp8"}
+    stored = {int(data_type): dtype for dtype, data_type in CACHE_TYPES.items()} | {onnx.TensorProto.FLOAT16: "float16"}
     return cache_size(folder, "float32" if past is None else stored.get(past.type.tensor_type.elem_type, "float32"))
 
 

@@ -83,14 +83,17 @@ def ort_static_int8(source: Path, output: Path, calib_data: Path | None, count: 
 
 
 def builder_int4(gguf: str, output: Path, block_size: int, algo: str) -> None:
+    # ORT-GenAI 0.18 ignores the old `int4_`-prefixed algo names (the model came out at block 32).
+    options = [f"block_size={block_size}", *([f"algo_config={algo}"] if algo != "default" else [])]
     with staged_output_dir(output) as staging, tempfile.TemporaryDirectory() as work:
-        hf = _hf_checkpoint(gguf, Path(work))
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(staging), "-p", "int4",
-                   "-e", "cpu", "-c", str(Path(work) / "cache"), "--extra_options", f"block_size={block_size}"]
-        if algo != "default":
-            # ORT-GenAI 0.18 ignores the old `int4_`-prefixed names (the model came out at block 32).
-            command.append(f"algo_config={algo}")
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        _run_builder(_hf_checkpoint(gguf, Path(work)), staging, Path(work), "int4", options)
+
+
+def _run_builder(hf: Path, output: Path, work: Path, precision: str, options: list[str]) -> None:
+    """The ORT-GenAI model builder on the CPU: `hf` -> `output` at `precision` with its --extra_options."""
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(output), "-p", precision,
+               "-e", "cpu", "-c", str(work / "cache"), "--extra_options", *options]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
 def _hf_checkpoint(gguf: str, work: Path) -> Path:
@@ -113,11 +116,8 @@ def builder_kv(source: Path, gguf: str, output: Path, scheme: str, calib_data: P
         scales = Path(work) / "kv_scales.json"
         calibrate_kv_scales(str(folder.model_file), str(folder.path), str(scales), quant_type=scheme, target_seq=seq_len,
                             num_seqs=count, corpus=[resolve_text(calib_data, None, "validation")])
-        hf = _hf_checkpoint(gguf, Path(work))
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(staging), "-p", "fp32",
-                   "-e", "cpu", "-c", str(Path(work) / "cache"), "--extra_options", f"kv_cache_quant_scheme={scheme}",
-                   f"kv_cache_scale_file={scales}"]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        _run_builder(_hf_checkpoint(gguf, Path(work)), staging, Path(work), "fp32",
+                     [f"kv_cache_quant_scheme={scheme}", f"kv_cache_scale_file={scales}"])
 
 
 def olive(kind: str, source: Path, gguf: str, output: Path, block_size: int, calib_data: Path | None, count: int,
