@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gguf", default="", help="GGUF or HF folder for builder_int4 (default: the embedded model)")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--block_size", type=int, default=128)
-    parser.add_argument("--kv_scheme", default="int8_per_channel", help="builder_kv: its kv_cache_quant_scheme")
+    parser.add_argument("--kv_scheme", default="int8_per_channel",
+                        choices=[f"{dtype}_{granularity}" for dtype in ("int8", "int4") for granularity in ("per_tensor", "per_channel")],
+                        help="builder_kv: its kv_cache_quant_scheme (the CPU's: int8 or int4)")
     parser.add_argument("--algo", default="default", help="builder_int4: its algo_config (default, k_quant_mixed, ...)")
     parser.add_argument("--calib_data", type=Path, help="ort_static_*: calibration text (default: the embedded validation split)")
     parser.add_argument("--num_calib_data", type=int, default=64, help="ort_static_*: calibration windows")
